@@ -1,0 +1,376 @@
+"""Pull images from registries into the shared store (DESIGN.md §3-4).
+
+Call order: :func:`resolve_images` turns the config's image specs into concrete
+references (tag filters are evaluated against the registry's tag list), then
+:func:`pull_images` fetches each one:
+
+1. one manifest request per image: a HEAD when the store already holds the image (a
+   warm pull stops there if the digest is unchanged), a GET otherwise;
+2. an index is filtered to the wanted platforms (rewritten to list only the kept
+   children; an image pinned by digest is kept whole, since nodes pull that exact
+   digest), and its child manifests are fetched by digest;
+3. every blob the store lacks is streamed into the store by a shared thread pool; a
+   blob needed by several images is fetched once, and a transfer cut mid-blob resumes
+   from where it stopped;
+4. manifests are written children first, then the image's entry in ``index.json``, so
+   the store never lists an image whose content is incomplete.
+
+One image failing does not stop the others; the report names each failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.config import ImagesConfig
+from pipeline.errors import BmsyncError, TransportError
+from pipeline.manifest import Descriptor, Manifest, filter_index, parse_manifest
+from pipeline.platform import Platform
+from pipeline.progress import Progress, human_bytes
+from pipeline.reference import Reference
+from pipeline.registry.client import RegistryClient
+from pipeline.registry.connect import ClientPool
+from pipeline.store import BlobSink, Store
+from pipeline.tagfilter import select_tags
+
+log = logging.getLogger("bmsync.pull")
+
+# Annotations bmsync adds to its index.json entries (reverse-DNS, as the OCI spec asks).
+UPSTREAM_DIGEST = "dev.bmsync.upstream-digest"
+PLATFORMS = "dev.bmsync.platforms"
+BLOB_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    source: str
+    status: str  # "pulled" | "present" | "failed"
+    digest: str | None = None
+    upstream_digest: str | None = None
+    media_type: str | None = None
+    blobs_fetched: int = 0
+    bytes_fetched: int = 0
+    error: str | None = None
+    exit_code: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "source": self.source,
+            "status": self.status,
+            "digest": self.digest,
+            "upstreamDigest": self.upstream_digest,
+            "mediaType": self.media_type,
+            "blobsFetched": self.blobs_fetched,
+            "bytesFetched": self.bytes_fetched,
+        }
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+@dataclass
+class PullReport:
+    images: list[ImageResult] = field(default_factory=list)
+    blobs_fetched: int = 0
+    blobs_present: int = 0
+    bytes_fetched: int = 0
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[ImageResult]:
+        return [i for i in self.images if i.status == "failed"]
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_fetched / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "images": [i.to_json() for i in self.images],
+            "summary": {
+                "images": len(self.images),
+                "pulled": sum(1 for i in self.images if i.status == "pulled"),
+                "present": sum(1 for i in self.images if i.status == "present"),
+                "failed": len(self.failed),
+                "blobsFetched": self.blobs_fetched,
+                "blobsPresent": self.blobs_present,
+                "bytesFetched": self.bytes_fetched,
+                "seconds": round(self.seconds, 3),
+                "mbPerSecond": round(self.mb_per_s, 1),
+            },
+        }
+
+
+@dataclass(frozen=True)
+class ResolveFailure:
+    spec: str
+    error: BmsyncError
+
+
+def resolve_images(
+    config: ImagesConfig, clients: ClientPool
+) -> tuple[list[Reference], list[ResolveFailure]]:
+    """Concrete references for every image of ``config``, in config order, deduplicated.
+
+    Plain references pass through; a spec with tag filters lists the repository's tags
+    (one paginated request) and keeps the matches. A spec whose listing fails is
+    returned as a failure rather than raised, so other images still pull.
+    """
+    refs: list[Reference] = []
+    failures: list[ResolveFailure] = []
+    seen: set[str] = set()
+    for spec in config.images:
+        if spec.filter is None:
+            candidates = [spec.reference]
+        else:
+            ref = spec.reference
+            try:
+                tags = clients.client(ref.registry).list_tags(ref.repository, what=ref.name)
+            except BmsyncError as e:
+                failures.append(ResolveFailure(ref.name, e))
+                continue
+            chosen = select_tags(tags, spec.filter)
+            if not chosen:
+                log.warning("%s: no tag matches the filter (of %d tags)", ref.name, len(tags))
+            candidates = [ref.with_tag(t) for t in chosen]
+        for ref in candidates:
+            key = str(ref)
+            if key not in seen:
+                seen.add(key)
+                refs.append(ref)
+    return refs, failures
+
+
+class _Puller:
+    """State of one pull run: the store, clients, pools and counters."""
+
+    def __init__(
+        self,
+        store: Store,
+        clients: ClientPool,
+        platforms: Sequence[Platform],
+        concurrency: int,
+        progress: Progress,
+    ) -> None:
+        self.store = store
+        self.clients = clients
+        self.platforms = tuple(platforms)
+        self.progress = progress
+        self.blob_pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="blob")
+        self._lock = threading.Lock()
+        self._blob_futures: dict[str, Future[int]] = {}
+        self.blobs_fetched = 0
+        self.blobs_present = 0
+        self.bytes_fetched = 0
+
+    # -- one image -----------------------------------------------------------------------
+
+    def pull(self, ref: Reference) -> ImageResult:
+        name = _store_name(ref)
+        client = self.clients.client(ref.registry)
+        pinned = ref.digest is not None
+        platforms = () if pinned else self.platforms
+        wanted = ",".join(str(p) for p in platforms)
+
+        entry = self.store.find_image(name)
+        if entry is not None:
+            upstream = (entry.get("annotations") or {}).get(UPSTREAM_DIGEST, entry["digest"])
+            same_platforms = (entry.get("annotations") or {}).get(PLATFORMS, "") == wanted
+            if same_platforms and self._complete(entry["digest"]):
+                current = ref.digest or client.head_manifest(
+                    ref.repository, ref.identifier, what=str(ref)
+                ).digest
+                if current == upstream:
+                    return ImageResult(
+                        str(ref), "present", entry["digest"], upstream, entry.get("mediaType")
+                    )
+
+        top = client.get_manifest(ref.repository, ref.identifier, what=str(ref))
+        upstream_digest = top.digest
+        if pinned and self.platforms and top.is_index:
+            log.warning(
+                "%s is pinned by digest: keeping every platform of its index", ref
+            )
+        kept = filter_index(top, platforms) if (top.is_index and platforms) else top
+
+        manifests: list[Manifest] = []  # children before parents
+        blobs: dict[str, Descriptor] = {}
+        self._walk(client, ref, kept, manifests, blobs, depth=0)
+
+        futures = [(d, self._submit_blob(client, ref, d)) for d in blobs.values()]
+        fetched = 0
+        nbytes = 0
+        for _desc, fut in futures:
+            got = fut.result()  # raises the blob's error for this image
+            if got:
+                fetched += 1
+                nbytes += got
+        for m in manifests:
+            self.store.write_blob(m.raw, m.digest)
+        descriptor: dict[str, Any] = {
+            "mediaType": kept.media_type,
+            "digest": kept.digest,
+            "size": len(kept.raw),
+            "annotations": {UPSTREAM_DIGEST: upstream_digest, PLATFORMS: wanted},
+        }
+        self.store.add_image(name, descriptor)
+        return ImageResult(
+            str(ref), "pulled", kept.digest, upstream_digest, kept.media_type, fetched, nbytes
+        )
+
+    def _walk(
+        self,
+        client: RegistryClient,
+        ref: Reference,
+        manifest: Manifest,
+        manifests: list[Manifest],
+        blobs: dict[str, Descriptor],
+        depth: int,
+    ) -> None:
+        if manifest.is_index:
+            if depth > 2:
+                raise BmsyncError(f"{ref}: indexes nested deeper than 2 levels")
+            for child in manifest.children():
+                if self.store.has_blob(child.digest, child.size) and depth == 0:
+                    stored = parse_manifest(
+                        self.store.read_blob(child.digest), child.media_type,
+                        expected_digest=child.digest,
+                    )
+                else:
+                    stored = client.get_manifest(ref.repository, child.digest, what=str(ref))
+                self._walk(client, ref, stored, manifests, blobs, depth + 1)
+        else:
+            for d in manifest.blobs():
+                blobs.setdefault(d.digest, d)
+        manifests.append(manifest)
+
+    def _complete(self, digest: str) -> bool:
+        """Whether the store holds ``digest`` and everything it references (local reads only)."""
+        if not self.store.has_blob(digest):
+            return False
+        try:
+            m = parse_manifest(self.store.read_blob(digest), expected_digest=digest)
+        except BmsyncError:
+            return False
+        if m.is_index:
+            return all(self._complete(c.digest) for c in m.children())
+        return all(self.store.has_blob(d.digest, d.size) for d in m.blobs())
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    def _submit_blob(self, client: RegistryClient, ref: Reference, desc: Descriptor) -> Future[int]:
+        with self._lock:
+            fut = self._blob_futures.get(desc.digest)
+            if fut is None:
+                if self.store.has_blob(desc.digest, desc.size):
+                    self.blobs_present += 1
+                    fut = Future()
+                    fut.set_result(0)
+                else:
+                    self.progress.add_total(desc.size)
+                    fut = self.blob_pool.submit(self._fetch_blob, client, ref, desc)
+                self._blob_futures[desc.digest] = fut
+            return fut
+
+    def _fetch_blob(self, client: RegistryClient, ref: Reference, desc: Descriptor) -> int:
+        """Fetch one blob into the store, resuming after a lost connection; bytes moved."""
+        def fetch(offset: int, sink: BlobSink) -> None:
+            client.fetch_blob(
+                ref.repository, desc.digest, _CountingSink(sink, self.progress.advance),
+                size=desc.size, what=str(ref),
+            )
+
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                fetched = self.store.ensure_blob(desc.digest, desc.size, fetch)
+            except TransportError as e:
+                if attempt >= BLOB_ATTEMPTS:
+                    raise
+                delay = client.transport.policy.backoff(attempt)
+                log.info("%s: %s; resuming in %.1fs", ref, e, delay)
+                time.sleep(delay)
+                continue
+            with self._lock:
+                if fetched:
+                    self.blobs_fetched += 1
+                    self.bytes_fetched += desc.size
+                else:
+                    self.blobs_present += 1
+            return desc.size if fetched else 0
+
+
+class _CountingSink:
+    """Forwards to a store sink and reports bytes to the progress counter."""
+
+    def __init__(self, sink: BlobSink, count: Callable[[int], None]) -> None:
+        self._sink = sink
+        self._count = count
+
+    @property
+    def offset(self) -> int:
+        return self._sink.offset
+
+    def write(self, data: bytes) -> None:
+        self._sink.write(data)
+        self._count(len(data))
+
+    def restart(self) -> None:
+        self._sink.restart()
+
+
+def _store_name(ref: Reference) -> str:
+    """The ``org.opencontainers.image.ref.name`` of an image: tag form when it has a tag."""
+    if ref.tag:
+        return str(Reference(ref.registry, ref.repository, ref.tag, None))
+    return str(ref)
+
+
+def pull_images(
+    refs: Sequence[Reference],
+    store: Store,
+    clients: ClientPool,
+    *,
+    platforms: Sequence[Platform] = (),
+    concurrency: int = 8,
+    progress: Progress | None = None,
+) -> PullReport:
+    """Pull ``refs`` into ``store``; never raises for one image's failure (see the report)."""
+    started = time.monotonic()
+    progress = progress or Progress("pull", enabled=False)
+    puller = _Puller(store, clients, platforms, concurrency, progress)
+    report = PullReport()
+    workers = max(1, min(len(refs), concurrency))
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="image") as pool:
+            futures = [(ref, pool.submit(puller.pull, ref)) for ref in refs]
+            for ref, fut in futures:
+                try:
+                    result = fut.result()
+                except BmsyncError as e:
+                    result = ImageResult(str(ref), "failed", error=str(e), exit_code=e.exit_code)
+                    progress.item_done(f"FAILED {ref}: {e}")
+                else:
+                    if result.status == "pulled":
+                        progress.item_done(
+                            f"pulled {result.source} {result.digest}"
+                            f" ({result.blobs_fetched} blobs, {human_bytes(result.bytes_fetched)})"
+                        )
+                    else:
+                        progress.item_done(f"present {result.source} {result.digest}")
+                report.images.append(result)
+    finally:
+        puller.blob_pool.shutdown(wait=True, cancel_futures=True)
+        progress.close()
+    report.blobs_fetched = puller.blobs_fetched
+    report.blobs_present = puller.blobs_present
+    report.bytes_fetched = puller.bytes_fetched
+    report.seconds = time.monotonic() - started
+    return report
