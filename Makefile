@@ -9,6 +9,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: install system venv demo test test-slow bench lint clean
 
 install: system venv
+	@# Byte-compile: with PYTHONDONTWRITEBYTECODE set, every start would recompile.
+	@$(BIN)/python -m compileall -q pipeline tasks >/dev/null
 
 # System packages: installed only when one of their commands is missing.
 system:
@@ -24,7 +26,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[dev]'
 	touch $@
 
 demo: install

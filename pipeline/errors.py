@@ -12,8 +12,8 @@ tree to an exit code and a one-line message that says what to do::
     │   └── TLSError                 4  certificate not trusted (use --cacert)
     ├── RegistryError                5  the registry answered with an error status
     │   ├── NotFound                    404: the only status that means "absent"
-    │   ├── Unauthorized                401 after authenticating (wrong credentials)
-    │   ├── Forbidden                   403
+    │   ├── Unauthorized             3  401 after authenticating (wrong or missing credentials)
+    │   ├── Forbidden                3  403 (the credentials lack a permission)
     │   ├── TooManyRequests             429 after the retry budget
     │   └── ServerError                 5xx after the retry budget
     ├── ProtocolError                5  a response that breaks the protocol (size, headers)
@@ -126,11 +126,11 @@ class NotFound(RegistryError):
 
 
 class Unauthorized(RegistryError):
-    pass
+    exit_code = 3
 
 
 class Forbidden(RegistryError):
-    pass
+    exit_code = 3
 
 
 class TooManyRequests(RegistryError):

@@ -355,8 +355,8 @@ def pull_images(
                 try:
                     result = fut.result()
                 except BmsyncError as e:
+                    # Named by the caller in its summary: one line per failure.
                     result = ImageResult(str(ref), "failed", error=str(e), exit_code=e.exit_code)
-                    progress.item_done(f"FAILED {ref}: {e}")
                 else:
                     if result.status == "pulled":
                         progress.item_done(

@@ -110,7 +110,12 @@ def _ca_bundle_with(cacert: str) -> str:
             ) from None
         if b"-----BEGIN CERTIFICATE-----" not in extra:
             raise TLSError(f"CA file {cacert} holds no PEM certificate")
-        system = requests.utils.DEFAULT_CA_BUNDLE_PATH
+        # The bundle requests would use without --cacert: the environment's, else certifi's.
+        system = (
+            os.environ.get("REQUESTS_CA_BUNDLE")
+            or os.environ.get("CURL_CA_BUNDLE")
+            or requests.utils.DEFAULT_CA_BUNDLE_PATH
+        )
         base = b""
         if system and os.path.exists(system):
             with open(system, "rb") as f:
@@ -197,6 +202,8 @@ class Transport:
                     data=data,
                     stream=stream,
                     allow_redirects=False,
+                    # Explicit, so REQUESTS_CA_BUNDLE in the environment cannot replace it.
+                    verify=self._verify,
                     timeout=(self.policy.connect_timeout, self.policy.read_timeout),
                 )
             except requests.exceptions.SSLError as e:
@@ -248,8 +255,8 @@ def _ssl_reason(e: Exception) -> str:
     for marker in markers:
         if marker in text:
             start = text.find(marker)
-            end = text.find(")", start)
-            return text[start:end if end > 0 else None].strip()
+            end = text.find("(_ssl.c", start)
+            return text[start:end if end > 0 else None].strip(" ()")
     return "TLS handshake failed"
 
 
