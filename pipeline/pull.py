@@ -203,12 +203,14 @@ class _Puller:
         blobs: dict[str, Descriptor] = {}
         self._walk(client, ref, kept, manifests, blobs, depth=0)
 
-        futures = [(d, self._submit_blob(client, ref, d)) for d in blobs.values()]
+        # An image counts the blobs it was first to ask for, so per-image figures add up
+        # to the run's total when images share layers.
+        futures = [self._submit_blob(client, ref, d) for d in blobs.values()]
         fetched = 0
         nbytes = 0
-        for _desc, fut in futures:
+        for fut, owned in futures:
             got = fut.result()  # raises the blob's error for this image
-            if got:
+            if got and owned:
                 fetched += 1
                 nbytes += got
         for m in manifests:
@@ -264,9 +266,13 @@ class _Puller:
 
     # -- blobs ---------------------------------------------------------------------------
 
-    def _submit_blob(self, client: RegistryClient, ref: Reference, desc: Descriptor) -> Future[int]:
+    def _submit_blob(
+        self, client: RegistryClient, ref: Reference, desc: Descriptor
+    ) -> tuple[Future[int], bool]:
+        """The future of the blob's fetch, and whether this call created it."""
         with self._lock:
             fut = self._blob_futures.get(desc.digest)
+            owned = fut is None
             if fut is None:
                 if self.store.has_blob(desc.digest, desc.size):
                     self.blobs_present += 1
@@ -276,7 +282,7 @@ class _Puller:
                     self.progress.add_total(desc.size)
                     fut = self.blob_pool.submit(self._fetch_blob, client, ref, desc)
                 self._blob_futures[desc.digest] = fut
-            return fut
+            return fut, owned
 
     def _fetch_blob(self, client: RegistryClient, ref: Reference, desc: Descriptor) -> int:
         """Fetch one blob into the store, resuming after a lost connection; bytes moved."""

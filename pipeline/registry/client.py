@@ -168,10 +168,13 @@ class RegistryClient:
             return
         raise ProtocolError(f"{label}: blob {digest}: the registry answers ranged requests wrongly")
 
-    def list_tags(self, repository: str, *, what: str = "") -> list[str]:
-        """Every tag of ``repository``, following ``Link: <...>; rel="next"`` pages."""
+    def list_tags(self, repository: str, *, what: str = "", page_size: int = 1000) -> list[str]:
+        """Every tag of ``repository``, following ``Link: <...>; rel="next"`` pages.
+
+        ``page_size`` is the ``n`` asked for; registries may send fewer per page.
+        """
         tags: list[str] = []
-        path: str | None = f"/v2/{repository}/tags/list?n=1000"
+        path: str | None = f"/v2/{repository}/tags/list?n={page_size}"
         seen: set[str] = set()
         while path:
             if path in seen:

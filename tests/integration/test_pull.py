@@ -525,3 +525,68 @@ def test_no_secret_in_any_output(registry_factory, image_factory, fault_proxy, t
         assert form not in run.output, f"secret leaked as {form!r}"
     assert not re.search(r"eyJ[\w-]+\.[\w-]+\.[\w-]+", run.output), "a JWT leaked"
     assert "Authorization" not in run.output
+
+
+def test_tag_list_follows_pagination(registry, fault_proxy) -> None:  # type: ignore[no-untyped-def]
+    """Pages linked by ``Link: <...>; rel="next"`` (distribution 2.8 sends one page, so
+    the proxy plays a registry that paginates)."""
+    from pipeline.registry.client import RegistryClient
+    from tests.harness.faultproxy import respond
+
+    proxy = fault_proxy(registry)
+    pages = [
+        (["v1.0", "v1.1", "v1.2"], '</v2/paged/app/tags/list?n=3&last=v1.2>; rel="next"'),
+        (["v1.3", "v1.4", "v1.5"], '</v2/paged/app/tags/list?n=3&last=v1.5>; rel="next"'),
+        (["v1.6"], None),
+    ]
+    for tags, link in pages:
+        headers = {"Content-Type": "application/json"}
+        if link:
+            headers["Link"] = link
+        body = json.dumps({"name": "paged/app", "tags": tags}).encode()
+        proxy.add_rule(respond(200, body, headers), method="GET", path=r"/tags/list", times=1)
+    client = RegistryClient(GCR, endpoint=proxy.url)
+    assert client.list_tags("paged/app", page_size=3) == [f"v1.{i}" for i in range(7)]
+    asked = [r.query for r in proxy.requests if r.path.endswith("/tags/list")]
+    assert asked == ["n=3", "n=3&last=v1.2", "n=3&last=v1.5"]
+
+
+def test_gcr_json_key(registry_factory, image_factory: ImageFactory, tmp: Path) -> None:  # type: ignore[no-untyped-def]
+    """gcr.io's service-account login: user ``_json_key``, the key file as password."""
+    key = json.dumps({
+        "type": "service_account",
+        "client_email": "sync@proj.iam.example",
+        "private_key": "-----BEGIN PRIVATE KEY-----\nMIIfake\n-----END PRIVATE KEY-----\n",
+    })
+    server = registry_factory(auth="token", users={"_json_key": key})
+    img = image_factory.image()
+    push(server.url, "anthos-baremetal-release/pause", "3.2", img, auth=("_json_key", key))
+    key_path = tmp / "gcr-key.json"
+    key_path.write_text(key)
+    config = write_images_config(
+        tmp / "c.yaml", [f"{GCR}/anthos-baremetal-release/pause:3.2"],
+        registries=gcr(server.url, gcrKeyPath=str(key_path)),
+    )
+    mark = server.token_issuer.mark()
+    run = bmsync("-vv", "pull", "--config", str(config), "--store", str(tmp / "store"))
+    assert run.code == 0, run.output
+    assert {r.user for r in server.token_issuer.since(mark)} == {"_json_key"}
+    assert "MIIfake" not in run.output and "private_key" not in run.output
+    assert store_index(tmp / "store")[f"{GCR}/anthos-baremetal-release/pause:3.2"]["digest"] == (
+        img.digest
+    )
+
+
+def test_oversized_manifest_is_refused(registry, image_factory, fault_proxy, tmp) -> None:  # type: ignore[no-untyped-def]
+    from tests.harness.faultproxy import respond
+
+    _one_image(registry, image_factory)
+    proxy = fault_proxy(registry)
+    huge = b'{"schemaVersion":2,"pad":"' + b"x" * (5 * 1024 * 1024) + b'"}'
+    oci = {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}
+    proxy.add_rule(respond(200, huge, oci), method="GET", path=r"/manifests/", times=1)
+    config = write_images_config(tmp / "c.yaml", [f"{GCR}/fault/app:1"],
+                                 registries=gcr(proxy.url))
+    run = bmsync("pull", "--config", str(config), "--store", str(tmp / "store"))
+    assert run.code == 5, run.output
+    assert "over the 4194304-byte limit" in run.stderr
