@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -139,7 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         print("bmsync: interrupted; a re-run resumes where this one stopped", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Worker threads may be mid-transfer; their partial files are resumable, so do
+        # not wait for them (a normal exit would join every pool thread).
+        os._exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -354,29 +354,39 @@ def pull_images(
     puller = _Puller(store, clients, platforms, concurrency, progress)
     report = PullReport()
     workers = max(1, min(len(refs), concurrency))
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="image")
+    interrupted = False
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="image") as pool:
-            futures = [(ref, pool.submit(puller.pull, ref)) for ref in refs]
-            for ref, fut in futures:
-                try:
-                    result = fut.result()
-                except BmsyncError as e:
-                    # Named by the caller in its summary: one line per failure.
-                    result = ImageResult(str(ref), "failed", error=str(e), exit_code=e.exit_code)
-                else:
-                    if result.status == "pulled":
-                        progress.item_done(
-                            f"pulled {result.source} {result.digest}"
-                            f" ({result.blobs_fetched} blobs, {human_bytes(result.bytes_fetched)})"
-                        )
-                    else:
-                        progress.item_done(f"present {result.source} {result.digest}")
-                report.images.append(result)
+        futures = [(ref, pool.submit(puller.pull, ref)) for ref in refs]
+        for ref, fut in futures:
+            try:
+                result = fut.result()
+            except BmsyncError as e:
+                # Named by the caller in its summary: one line per failure.
+                result = ImageResult(str(ref), "failed", error=str(e), exit_code=e.exit_code)
+            else:
+                progress.item_done(_describe(result))
+            report.images.append(result)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
-        puller.blob_pool.shutdown(wait=True, cancel_futures=True)
+        # On Ctrl-C, drop queued work at once: transfers in flight leave resumable
+        # partials, and the CLI exits without waiting for them.
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
+        puller.blob_pool.shutdown(wait=not interrupted, cancel_futures=True)
         progress.close()
     report.blobs_fetched = puller.blobs_fetched
     report.blobs_present = puller.blobs_present
     report.bytes_fetched = puller.bytes_fetched
     report.seconds = time.monotonic() - started
     return report
+
+
+def _describe(result: ImageResult) -> str:
+    if result.status == "pulled":
+        return (
+            f"pulled {result.source} {result.digest}"
+            f" ({result.blobs_fetched} blobs, {human_bytes(result.bytes_fetched)})"
+        )
+    return f"present {result.source} {result.digest}"

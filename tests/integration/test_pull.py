@@ -590,3 +590,41 @@ def test_oversized_manifest_is_refused(registry, image_factory, fault_proxy, tmp
     run = bmsync("pull", "--config", str(config), "--store", str(tmp / "store"))
     assert run.code == 5, run.output
     assert "over the 4194304-byte limit" in run.stderr
+
+
+def test_ctrl_c_stops_at_once_and_rerun_completes(registry, image_factory, fault_proxy,  # type: ignore[no-untyped-def]
+                                                  tmp) -> None:
+    import signal
+    import sys
+
+    from tests.harness.faultproxy import Delay
+
+    img = _one_image(registry, image_factory, 1_000_000)
+    proxy = fault_proxy(registry)
+    proxy.add_rule(Delay(20), method="GET", path=r"/blobs/", times=10)
+    config = write_images_config(tmp / "c.yaml", [f"{GCR}/fault/app:1"],
+                                 registries=gcr(proxy.url))
+    store = tmp / "store"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "pull", "--config", str(config),
+         "--store", str(store)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    # The proxy records a request once answered: wait for the manifest, after which the
+    # blob requests hang in the proxy's delay.
+    deadline = time.monotonic() + 20
+    while not any("/manifests/" in r.path for r in proxy.requests):
+        assert time.monotonic() < deadline, "bmsync never asked for the manifest"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - started < 5
+    assert "interrupted" in err and "Traceback" not in err
+    assert not store_index(store)
+    proxy.clear_rules()
+    run = bmsync("pull", "--config", str(config), "--store", str(store))
+    assert run.code == 0, run.output
+    assert store_index(store)[f"{GCR}/fault/app:1"]["digest"] == img.digest
