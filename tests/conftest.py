@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import pytest
 
 from tests.harness.faultproxy import FaultProxy
+from tests.harness.forwardproxy import ForwardProxy
 from tests.harness.images import ImageFactory
 from tests.harness.pki import TestPKI, create_pki
 from tests.harness.registry import RegistryServer, start_registry
@@ -135,6 +136,21 @@ def fault_proxy() -> Iterator[Callable[..., FaultProxy]]:
             else:
                 url = upstream
             proxy = FaultProxy(url, verify=True if verify is None else verify)
+            stack.callback(proxy.stop)
+            return proxy.start()
+
+        yield make
+
+
+@pytest.fixture
+def forward_proxy() -> Iterator[Callable[..., ForwardProxy]]:
+    """Start forward proxies: ``forward_proxy(auth=None)``; ``auth=(user, password)``
+    requires Basic proxy credentials. All proxies stop at teardown.
+    """
+    with contextlib.ExitStack() as stack:
+
+        def make(*, auth: tuple[str, str] | None = None) -> ForwardProxy:
+            proxy = ForwardProxy(auth=auth)
             stack.callback(proxy.stop)
             return proxy.start()
 

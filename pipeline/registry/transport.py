@@ -211,6 +211,17 @@ class Transport:
                     f"TLS certificate of {_host(url)} not trusted{_for(what)}: {_ssl_reason(e)}",
                     hint="pass --cacert with the CA that signed it, or cacert: in the config",
                 ) from None
+            except requests.exceptions.ProxyError as e:
+                proxy = _proxy_for(url)
+                if "407" in str(e):
+                    raise _proxy_auth_error(proxy, url) from None
+                if idempotent and attempt < self.policy.attempts:
+                    self._sleep(self.policy.backoff(attempt))
+                    continue
+                raise TransportError(
+                    f"cannot reach proxy {proxy} on the way to {_host(url)}{_for(what)}",
+                    hint="check HTTPS_PROXY / HTTP_PROXY, or list the registry in NO_PROXY",
+                ) from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
                 if idempotent and attempt < self.policy.attempts:
                     delay = self.policy.backoff(attempt)
@@ -238,7 +249,24 @@ class Transport:
                 self._sleep(wait)
                 continue
             log.debug("%s %s -> %d", method, redact_url(url), resp.status_code)
+            if resp.status_code == 407:
+                resp.close()
+                raise _proxy_auth_error(_proxy_for(url), url)
             return resp
+
+
+def _proxy_for(url: str) -> str:
+    """The proxy requests uses for ``url`` (from the environment), without credentials."""
+    proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+    return redact_url(proxy) if proxy else "(none)"
+
+
+def _proxy_auth_error(proxy: str, url: str) -> TransportError:
+    return TransportError(
+        f"proxy {proxy} refused to forward to {_host(url)}: proxy authentication required (407)",
+        hint="put the proxy's user and password in HTTPS_PROXY / HTTP_PROXY"
+        " as http://USER:PASSWORD@HOST:PORT",
+    )
 
 
 def _host(url: str) -> str:

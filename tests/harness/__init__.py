@@ -9,6 +9,7 @@ it is the independent witness that pushes, reads and counts with its own code.
 - ``tokens``: ``TokenIssuer`` (docker token flow, JWTs with ``x5c``)
 - ``images``: ``ImageFactory``, ``Pusher``, ``push``, ``seed_image_set``
 - ``faultproxy``: ``FaultProxy`` and its actions
+- ``forwardproxy``: ``ForwardProxy`` (HTTP forward proxy with CONNECT), ``ProxyRecord``
 - ``skopeo``: ``inspect_raw`` and friends
 """
 
@@ -29,6 +30,7 @@ from tests.harness.faultproxy import (
     rate_limit,
     respond,
 )
+from tests.harness.forwardproxy import ForwardProxy, ProxyRecord
 from tests.harness.images import (
     Image,
     ImageFactory,
@@ -55,6 +57,7 @@ __all__ = [
     "CutBody",
     "Delay",
     "FaultProxy",
+    "ForwardProxy",
     "HarnessError",
     "IgnoreRange",
     "Image",
@@ -62,6 +65,7 @@ __all__ = [
     "Index",
     "Layer",
     "Platform",
+    "ProxyRecord",
     "ProxyRequest",
     "PushError",
     "Pusher",

@@ -159,6 +159,7 @@ class ForwardProxy:
 
     @property
     def tunnels(self) -> list[ProxyRecord]:
+        """The CONNECT records only."""
         return [r for r in self.records if r.tunnel]
 
     def clear(self) -> None:
@@ -397,14 +398,20 @@ class _ForwardHandler(QuietHandler):
             (name, value) for name, value in self.headers.items()
             if name.lower() not in _HOP_BY_HOP
         ]
+        if "Host" not in self.headers:
+            # An HTTP/1.0 client may omit Host; the target still needs one.
+            headers.append(("Host", parts.netloc))
         body: _BodyReader | bytes | None = None
+        declared = self.headers.get("Content-Length")
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             body = self.read_body()
             headers.append(("Content-Length", str(len(body))))
-        elif self.headers.get("Content-Length") is not None:
-            length = int(self.headers["Content-Length"])
-            body = _BodyReader(self, length)
-            headers.append(("Content-Length", str(length)))
+        elif declared is not None:
+            if not declared.strip().isdigit():
+                self._refuse(400, f"bad Content-Length {declared!r}")
+                return
+            body = _BodyReader(self, int(declared))
+            headers.append(("Content-Length", str(int(declared))))
 
         conn = http.client.HTTPConnection(address, port, timeout=_TARGET_TIMEOUT)
         try:
