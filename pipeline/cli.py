@@ -23,6 +23,7 @@ EXIT_INTERRUPTED = 130
 
 
 def _setup_logging(verbosity: int) -> None:
+    """-q: warnings; default: one line per finished item; -v: debug; -vv: every request."""
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
     if sys.stderr.isatty():
@@ -35,8 +36,15 @@ def _setup_logging(verbosity: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("bmsync").setLevel(level)
+    logging.getLogger("bmsync.registry").setLevel(
+        logging.DEBUG if verbosity >= 2 else max(level, logging.INFO)
+    )
     # urllib3 logs full URLs (with query strings) at DEBUG: keep it quiet.
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _positive_int(text: str) -> int:
@@ -65,8 +73,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
     clients = ClientPool(dict(config.registries), pool_size=max(16, args.concurrency * 2))
     refs, failures = resolve_images(config, clients)
     progress = Progress("pull", enabled=not args.json)
+    hint = (
+        "change --platform" if args.platform else f"change platforms: in {args.config}"
+    )
     report = pull_images(
-        refs, store, clients, platforms=platforms, concurrency=args.concurrency, progress=progress
+        refs, store, clients, platforms=platforms, concurrency=args.concurrency,
+        progress=progress, platform_hint=hint,
     )
     exit_codes = [f.error.exit_code for f in failures] + [i.exit_code for i in report.failed]
     if args.json:
@@ -76,14 +88,18 @@ def cmd_pull(args: argparse.Namespace) -> int:
     else:
         s = report.to_json()["summary"]
         print(
-            f"{s['images']} images in {args.store}: {s['pulled']} pulled, {s['present']} already"
-            f" present, {s['failed'] + len(failures)} failed"
+            f"{_count(s['images'], 'image')} in {args.store}: {s['pulled']} pulled,"
+            f" {s['present']} already present, {s['failed'] + len(failures)} failed"
         )
+        rate = f" ({report.mb_per_s:.1f} MB/s)" if report.bytes_fetched else ""
         print(
             f"blobs: {s['blobsFetched']} fetched, {s['blobsPresent']} already present;"
-            f" {human_bytes(report.bytes_fetched)} in {report.seconds:.2f} s"
-            f" ({report.mb_per_s:.1f} MB/s)"
+            f" {human_bytes(report.bytes_fetched)} in {report.seconds:.2f} s{rate}"
         )
+        for f in failures:
+            print(f"  failed: {f.spec}")
+        for image in report.failed:
+            print(f"  failed: {image.source}")
     for f in failures:
         print(f"bmsync: error: {f.error}", file=sys.stderr)
     for image in report.failed:
@@ -93,14 +109,36 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return exit_codes[0] if len(set(exit_codes)) == 1 else EXIT_PARTIAL
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bmsync")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _verbosity(parser: argparse.ArgumentParser, default: object) -> None:
+    """-v/-q on the main parser and on every subcommand (``bmsync pull -v`` works too).
+
+    Subcommands default to SUPPRESS so they do not reset what the main parser set.
+    """
+    parser.add_argument("-v", "--verbose", action="count", default=default,
+                        help="more log output (-v: debug; -vv: also every request)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="only warnings and errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bmsync",
-        description="Build air-gapped container image bundles and sync them to private mirrors.",
+        description=(
+            "Air-gapped container image bundles and mirror sync. The README has the"
+            " workflows, the config format and the exit codes."
+        ),
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-vv: debug, including every request)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--version", action="version", version=f"bmsync {_version()}")
+    _verbosity(parser, 0)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -113,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Images that fail are named and the others are kept."
         ),
     )
+    _verbosity(pull, argparse.SUPPRESS)
     pull.add_argument("--config", required=True, metavar="FILE",
-                      help="images config (see configs/images.yaml)")
+                      help="images config (YAML: version, release, registries, images;"
+                           " see the README)")
     pull.add_argument("--store", required=True, metavar="DIR",
                       help="OCI layout directory shared by every release (created if absent)")
     pull.add_argument("--platform", action="append", default=[], metavar="OS/ARCH[/VARIANT]",

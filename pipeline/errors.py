@@ -9,6 +9,7 @@ tree to an exit code and a one-line message that says what to do::
     ├── InvalidReference             2  image reference that does not parse
     ├── CredentialError              3  credentials that cannot be read or used
     ├── TransportError               4  connection refused/reset, timeout, proxy failure
+    │   ├── ConnectionLost           4  a body cut off mid-transfer (what arrived is kept)
     │   └── TLSError                 4  certificate not trusted (use --cacert)
     ├── RegistryError                5  the registry answered with an error status
     │   ├── NotFound                    404: the only status that means "absent"
@@ -89,6 +90,10 @@ class CredentialError(BmsyncError):
 
 class TransportError(BmsyncError):
     exit_code = 4
+
+
+class ConnectionLost(TransportError):
+    """A response body ended early; the bytes received so far are kept for resuming."""
 
 
 class TLSError(TransportError):

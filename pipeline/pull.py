@@ -20,6 +20,7 @@ One image failing does not stop the others; the report names each failure.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import ImagesConfig
-from pipeline.errors import BmsyncError, TransportError
+from pipeline.errors import BmsyncError, ConnectionLost, NotFound, UsageError
 from pipeline.manifest import Descriptor, Manifest, filter_index, parse_manifest
 from pipeline.platform import Platform
 from pipeline.progress import Progress, human_bytes
@@ -137,7 +138,13 @@ def resolve_images(
                 continue
             chosen = select_tags(tags, spec.filter)
             if not chosen:
-                log.warning("%s: no tag matches the filter (of %d tags)", ref.name, len(tags))
+                # A release missing an image must not look complete.
+                failures.append(ResolveFailure(ref.name, NotFound(
+                    f"{ref.name}: no tag matches {spec.filter.describe()}"
+                    f" (the repository has {len(tags)} tags)",
+                    hint="check the filter in the config",
+                )))
+                continue
             candidates = [ref.with_tag(t) for t in chosen]
         for ref in candidates:
             key = str(ref)
@@ -157,8 +164,10 @@ class _Puller:
         platforms: Sequence[Platform],
         concurrency: int,
         progress: Progress,
+        platform_hint: str,
     ) -> None:
         self.store = store
+        self.platform_hint = platform_hint
         self.clients = clients
         self.platforms = tuple(platforms)
         self.progress = progress
@@ -197,7 +206,13 @@ class _Puller:
             log.warning(
                 "%s is pinned by digest: keeping every platform of its index", ref
             )
-        kept = filter_index(top, platforms) if (top.is_index and platforms) else top
+        if top.is_index and platforms:
+            try:
+                kept = filter_index(top, platforms)
+            except UsageError as e:
+                raise UsageError(f"{ref}: {e.message}", hint=self.platform_hint) from None
+        else:
+            kept = top
 
         manifests: list[Manifest] = []  # children before parents
         blobs: dict[str, Descriptor] = {}
@@ -205,6 +220,8 @@ class _Puller:
 
         # An image counts the blobs it was first to ask for, so per-image figures add up
         # to the run's total when images share layers.
+        if platforms and not kept.is_index:
+            self._check_platform(client, ref, kept, platforms)
         futures = [self._submit_blob(client, ref, d) for d in blobs.values()]
         fetched = 0
         nbytes = 0
@@ -252,6 +269,26 @@ class _Puller:
                 blobs.setdefault(d.digest, d)
         manifests.append(manifest)
 
+    def _check_platform(
+        self, client: RegistryClient, ref: Reference, image: Manifest,
+        platforms: Sequence[Platform],
+    ) -> None:
+        """A single-platform image must be one of the wanted platforms (its config says)."""
+        config = image.config()
+        fut, _ = self._submit_blob(client, ref, config)
+        fut.result()
+        try:
+            doc = json.loads(self.store.read_blob(config.digest))
+            actual = Platform.from_json(doc)
+        except (ValueError, AttributeError):
+            return  # not an image config we can read (an artifact): nothing to filter on
+        if not any(p.matches(actual) for p in platforms):
+            wanted = ", ".join(str(p) for p in platforms)
+            raise UsageError(
+                f"{ref} is a single-platform {actual} image; {wanted} was asked for",
+                hint=self.platform_hint,
+            )
+
     def _complete(self, digest: str) -> bool:
         """Whether the store holds ``digest`` and everything it references (local reads only)."""
         if not self.store.has_blob(digest):
@@ -265,6 +302,12 @@ class _Puller:
         return all(self.store.has_blob(d.digest, d.size) for d in m.blobs())
 
     # -- blobs ---------------------------------------------------------------------------
+
+    def _moved(self, n: int) -> None:
+        """Bytes that crossed the wire (a resumed blob counts only what was missing)."""
+        with self._lock:
+            self.bytes_fetched += n
+        self.progress.advance(n)
 
     def _submit_blob(
         self, client: RegistryClient, ref: Reference, desc: Descriptor
@@ -288,8 +331,7 @@ class _Puller:
         """Fetch one blob into the store, resuming after a lost connection; bytes moved."""
         def fetch(offset: int, sink: BlobSink) -> None:
             client.fetch_blob(
-                ref.repository, desc.digest, _CountingSink(sink, self.progress.advance),
-                size=desc.size, what=str(ref),
+                ref.repository, desc.digest, _CountingSink(sink, self._moved), size=desc.size
             )
 
         attempt = 0
@@ -297,17 +339,18 @@ class _Puller:
             attempt += 1
             try:
                 fetched = self.store.ensure_blob(desc.digest, desc.size, fetch)
-            except TransportError as e:
+            except ConnectionLost as e:
+                # Only a body cut mid-way is resumed here: refused connections and server
+                # errors were already retried by the transport.
                 if attempt >= BLOB_ATTEMPTS:
                     raise
                 delay = client.transport.policy.backoff(attempt)
-                log.info("%s: %s; resuming in %.1fs", ref, e, delay)
+                log.debug("%s; resuming in %.1fs", e, delay)
                 time.sleep(delay)
                 continue
             with self._lock:
                 if fetched:
                     self.blobs_fetched += 1
-                    self.bytes_fetched += desc.size
                 else:
                     self.blobs_present += 1
             return desc.size if fetched else 0
@@ -347,11 +390,16 @@ def pull_images(
     platforms: Sequence[Platform] = (),
     concurrency: int = 8,
     progress: Progress | None = None,
+    platform_hint: str = "change the platforms wanted",
 ) -> PullReport:
-    """Pull ``refs`` into ``store``; never raises for one image's failure (see the report)."""
+    """Pull ``refs`` into ``store``; never raises for one image's failure (see the report).
+
+    ``platform_hint`` ends the message of an image that has none of ``platforms`` (the
+    CLI says where the platforms came from: ``--platform`` or the config).
+    """
     started = time.monotonic()
     progress = progress or Progress("pull", enabled=False)
-    puller = _Puller(store, clients, platforms, concurrency, progress)
+    puller = _Puller(store, clients, platforms, concurrency, progress, platform_hint)
     report = PullReport()
     workers = max(1, min(len(refs), concurrency))
     pool = ThreadPoolExecutor(workers, thread_name_prefix="image")
@@ -362,8 +410,9 @@ def pull_images(
             try:
                 result = fut.result()
             except BmsyncError as e:
-                # Named by the caller in its summary: one line per failure.
-                result = ImageResult(str(ref), "failed", error=str(e), exit_code=e.exit_code)
+                # Named by the caller in its summary: one line per failure, naming the image.
+                text = str(e) if str(e).startswith(str(ref)) else f"{ref}: {e}"
+                result = ImageResult(str(ref), "failed", error=text, exit_code=e.exit_code)
             else:
                 progress.item_done(_describe(result))
             report.images.append(result)
@@ -385,8 +434,7 @@ def pull_images(
 
 def _describe(result: ImageResult) -> str:
     if result.status == "pulled":
-        return (
-            f"pulled {result.source} {result.digest}"
-            f" ({result.blobs_fetched} blobs, {human_bytes(result.bytes_fetched)})"
-        )
+        blobs = "1 blob" if result.blobs_fetched == 1 else f"{result.blobs_fetched} blobs"
+        size = human_bytes(result.bytes_fetched)
+        return f"pulled {result.source} {result.digest} ({blobs}, {size})"
     return f"present {result.source} {result.digest}"

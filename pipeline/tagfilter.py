@@ -201,6 +201,19 @@ class TagFilter:
     _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _constraint: Constraint | None = field(default=None, init=False, repr=False, compare=False)
 
+    def describe(self) -> str:
+        """The criteria as a user wrote them, for messages."""
+        parts = []
+        if self.globs:
+            parts.append(f"tags {list(self.globs)}")
+        if self.regex is not None:
+            parts.append(f"regex {self.regex!r}")
+        if self.semver is not None:
+            parts.append(f"semver {self.semver!r}")
+        if self.latest is not None:
+            parts.append(f"latest {self.latest}")
+        return ", ".join(parts) or "the filter"
+
     def __post_init__(self) -> None:
         # A list passed by a caller would make the value unhashable and mutable.
         object.__setattr__(self, "globs", tuple(self.globs))

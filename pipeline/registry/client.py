@@ -25,6 +25,7 @@ import requests
 import urllib3.exceptions
 
 from pipeline.errors import (
+    ConnectionLost,
     Forbidden,
     IntegrityError,
     NotFound,
@@ -95,7 +96,7 @@ class RegistryClient:
         """
         path = f"/v2/{repository}/manifests/{identifier}"
         resp = self._send(
-            "GET", path, repository, headers={"Accept": ACCEPT}, stream=True, what=what
+            "GET", path, repository, headers={"Accept": ACCEPT}, stream=True
         )
         if resp.status_code != 200:
             self._raise_for(resp, what or f"{self.host}/{repository}", f"manifest {identifier}")
@@ -117,7 +118,7 @@ class RegistryClient:
     def head_manifest(self, repository: str, identifier: str, *, what: str = "") -> ManifestHead:
         """HEAD a manifest: its digest without its body (one request when cached)."""
         path = f"/v2/{repository}/manifests/{identifier}"
-        resp = self._send("HEAD", path, repository, headers={"Accept": ACCEPT}, what=what)
+        resp = self._send("HEAD", path, repository, headers={"Accept": ACCEPT})
         if resp.status_code != 200:
             self._raise_for(resp, what or f"{self.host}/{repository}", f"manifest {identifier}")
         length = resp.headers.get("Content-Length")
@@ -141,20 +142,20 @@ class RegistryClient:
         The sink checks size and digest; this method checks nothing it cannot know.
         """
         path = f"/v2/{repository}/blobs/{digest}"
-        label = what or f"{self.host}/{repository}"
+        label = f"{what}: " if what else ""
         for _ in range(2):
             headers = {"Accept-Encoding": "identity"}
             offset = sink.offset
             if offset:
                 headers["Range"] = f"bytes={offset}-"
-            resp = self._send("GET", path, repository, headers=headers, stream=True, what=what)
+            resp = self._send("GET", path, repository, headers=headers, stream=True)
             if resp.status_code == 416 and offset:
                 # The partial is as long as (or longer than) the blob: start over.
                 resp.close()
                 sink.restart()
                 continue
             if resp.status_code not in (200, 206):
-                self._raise_for(resp, label, f"blob {digest}")
+                self._raise_for(resp, what or f"{self.host}/{repository}", f"blob {digest}")
             if resp.status_code == 206:
                 content_range = resp.headers.get("Content-Range")
                 if not offset or not self._range_ok(content_range, offset, size):
@@ -166,7 +167,7 @@ class RegistryClient:
                 sink.restart()
             self._stream(resp, sink, label, digest)
             return
-        raise ProtocolError(f"{label}: blob {digest}: the registry answers ranged requests wrongly")
+        raise ProtocolError(f"{label}blob {digest}: the registry answers ranged requests wrongly")
 
     def list_tags(self, repository: str, *, what: str = "", page_size: int = 1000) -> list[str]:
         """Every tag of ``repository``, following ``Link: <...>; rel="next"`` pages.
@@ -180,7 +181,7 @@ class RegistryClient:
             if path in seen:
                 raise ProtocolError(f"{self.host}/{repository}: tag list pagination loops")
             seen.add(path)
-            resp = self._send("GET", path, repository, stream=True, what=what)
+            resp = self._send("GET", path, repository, stream=True)
             if resp.status_code != 200:
                 self._raise_for(resp, what or f"{self.host}/{repository}", "tag list")
             link = resp.headers.get("Link", "")
@@ -213,7 +214,6 @@ class RegistryClient:
         stream: bool = False,
         data: bytes | None = None,
         scopes: Iterable[str] | None = None,
-        what: str = "",
     ) -> requests.Response:
         """One authenticated request, answering one 401 challenge and following redirects.
 
@@ -225,14 +225,12 @@ class RegistryClient:
         auth = self.auth.header(scope_list)
         if auth:
             hdrs["Authorization"] = auth
-        resp = self.transport.request(method, url, headers=hdrs, stream=stream, data=data,
-                                      what=what)
+        resp = self.transport.request(method, url, headers=hdrs, stream=stream, data=data)
         if resp.status_code == 401:
             challenge = resp.headers.get("WWW-Authenticate")
             resp.close()
             hdrs["Authorization"] = self.auth.answer(challenge, scope_list, sent=auth)
-            resp = self.transport.request(method, url, headers=hdrs, stream=stream, data=data,
-                                          what=what)
+            resp = self.transport.request(method, url, headers=hdrs, stream=stream, data=data)
             if resp.status_code == 401:
                 resp.close()
                 raise self.auth.rejected()
@@ -251,8 +249,7 @@ class RegistryClient:
             if resp.status_code == 303:
                 method, data = "GET", None
             url = target
-            resp = self.transport.request(method, url, headers=hdrs, stream=stream, data=data,
-                                          what=what)
+            resp = self.transport.request(method, url, headers=hdrs, stream=stream, data=data)
         return resp
 
     @staticmethod
@@ -284,8 +281,8 @@ class RegistryClient:
             requests.exceptions.ConnectionError,
             OSError,
         ) as e:
-            raise TransportError(
-                f"{label}: connection lost while reading blob {digest}"
+            raise ConnectionLost(
+                f"{label}connection lost while reading blob {digest}"
                 f" ({type(e).__name__}); {sink.offset} bytes kept for resuming"
             ) from None
         finally:

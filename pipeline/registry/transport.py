@@ -182,14 +182,13 @@ class Transport:
         stream: bool = False,
         data: bytes | None = None,
         idempotent: bool = True,
-        what: str = "",
     ) -> requests.Response:
         """Send one request, retrying per policy; never follows redirects.
 
         Returns the response for any status that is not retried (the caller maps
         statuses to errors), or the last retryable response when the budget is spent.
         Connection and TLS failures raise TransportError / TLSError naming the host
-        and ``what`` (for example the image being pulled).
+        (callers add which image or blob they were after).
         """
         attempt = 0
         while True:
@@ -207,9 +206,15 @@ class Transport:
                     timeout=(self.policy.connect_timeout, self.policy.read_timeout),
                 )
             except requests.exceptions.SSLError as e:
+                if "wrong version number" in str(e):
+                    raise TLSError(
+                        f"{_host(url)} does not speak TLS",
+                        hint="if the registry serves plain http, write the endpoint as http://",
+                    ) from None
                 raise TLSError(
-                    f"TLS certificate of {_host(url)} not trusted{_for(what)}: {_ssl_reason(e)}",
-                    hint="pass --cacert with the CA that signed it, or cacert: in the config",
+                    f"TLS certificate of {_host(url)} not trusted: {_ssl_reason(e)}",
+                    hint="trust the CA that signed it: cacert: in the config's registries, or"
+                    " --cacert where a command has it",
                 ) from None
             except requests.exceptions.ProxyError as e:
                 proxy = _proxy_for(url)
@@ -219,7 +224,7 @@ class Transport:
                     self._sleep(self.policy.backoff(attempt))
                     continue
                 raise TransportError(
-                    f"cannot reach proxy {proxy} on the way to {_host(url)}{_for(what)}",
+                    f"cannot reach proxy {proxy} on the way to {_host(url)}",
                     hint="check HTTPS_PROXY / HTTP_PROXY, or list the registry in NO_PROXY",
                 ) from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
@@ -232,7 +237,7 @@ class Transport:
                     self._sleep(delay)
                     continue
                 raise TransportError(
-                    f"cannot reach {_host(url)}{_for(what)}: {_conn_reason(e)}",
+                    f"cannot reach {_host(url)}: {_conn_reason(e)}",
                     hint="check that the registry is up and the address, port and proxy settings",
                 ) from None
             if resp.status_code in RETRY_STATUSES and idempotent and attempt < self.policy.attempts:
@@ -271,10 +276,6 @@ def _proxy_auth_error(proxy: str, url: str) -> TransportError:
 
 def _host(url: str) -> str:
     return urlsplit(url).netloc.rpartition("@")[2]
-
-
-def _for(what: str) -> str:
-    return f" ({what})" if what else ""
 
 
 def _ssl_reason(e: Exception) -> str:

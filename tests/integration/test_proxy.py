@@ -245,7 +245,7 @@ def test_proxy_down_is_one_line_exit_4(tls_registry: RegistryServer,
     assert run.code == 4, run.output
     assert "Traceback" not in run.output
     [line] = run.stderr.strip().splitlines()
-    assert line.startswith(f"bmsync: error: cannot reach proxy http://127.0.0.1:{port}")
+    assert line.startswith(f"bmsync: error: {REF}: cannot reach proxy http://127.0.0.1:{port}")
     # No silent fallback to a direct connection.
     assert tls_registry.since(mark) == []
 

@@ -401,10 +401,12 @@ def test_interrupted_pull_resumes_on_rerun(registry, image_factory, fault_proxy,
     assert not store_index(tmp / "store")
     proxy.clear_rules()
     proxy.clear()
-    run = bmsync("pull", "--config", str(config), "--store", str(tmp / "store"))
+    run = bmsync("pull", "--config", str(config), "--store", str(tmp / "store"), "--json")
     assert run.code == 0, run.output
     [again] = [r for r in proxy.requests if r.path.endswith(layer.digest)]
     assert again.range is not None and int(again.range[6:-1]) >= 500_000
+    # The report counts the bytes that crossed the wire, not the whole blob again.
+    assert run.json()["summary"]["bytesFetched"] <= img.content_size - 500_000
     assert store_blob(tmp / "store", layer.digest).read_bytes() == layer.data
 
 
@@ -628,3 +630,50 @@ def test_ctrl_c_stops_at_once_and_rerun_completes(registry, image_factory, fault
     run = bmsync("pull", "--config", str(config), "--store", str(store))
     assert run.code == 0, run.output
     assert store_index(store)[f"{GCR}/fault/app:1"]["digest"] == img.digest
+
+
+def test_platform_mismatch_and_empty_filter_fail_naming_the_image(
+    registry: RegistryServer, image_factory: ImageFactory, tmp: Path
+) -> None:
+    single = image_factory.image(platform="linux/amd64")
+    push(registry.url, "single/app", "1", single)
+    multi = image_factory.multiarch(("linux/amd64", "linux/arm64/v8"))
+    push(registry.url, "multi/app", "1", multi)
+    push(registry.url, "tags/app", "v1.0", image_factory.image())
+    config = write_images_config(
+        tmp / "c.yaml",
+        [f"{GCR}/single/app:1", f"{GCR}/multi/app:1",
+         {"name": f"{GCR}/tags/app", "tags": ["v3.*"]}],
+        registries=gcr(registry.url),
+    )
+    run = bmsync("pull", "--config", str(config), "--store", str(tmp / "store"),
+                 "--platform", "linux/s390x", "--json")
+    assert run.code == 1, run.output  # different kinds of failure
+    errors = [line for line in run.stderr.splitlines() if line.startswith("bmsync: error:")]
+    assert len(errors) == 3
+    assert any(f"{GCR}/single/app:1 is a single-platform linux/amd64 image" in e
+               and "change --platform" in e for e in errors)
+    assert any(f"{GCR}/multi/app:1" in e and "linux/arm64/v8" in e for e in errors)
+    assert any(f"{GCR}/tags/app: no tag matches tags ['v3.*']" in e for e in errors)
+    assert not store_index(tmp / "store")
+    report = run.json()
+    assert len(report["resolveFailures"]) == 1 and report["summary"]["failed"] == 2
+
+
+def test_verbosity_flags_after_the_command(registry: RegistryServer, image_factory: ImageFactory,
+                                           tmp: Path) -> None:
+    push(registry.url, "v/app", "1", image_factory.image())
+    config = write_images_config(tmp / "c.yaml", [f"{GCR}/v/app:1"], registries=gcr(registry.url))
+    run = bmsync("pull", "-vv", "--config", str(config), "--store", str(tmp / "store"))
+    assert run.code == 0, run.output
+    assert "GET http://" in run.stderr  # -vv logs every request
+    run = bmsync("pull", "-q", "--config", str(config), "--store", str(tmp / "store"))
+    assert run.code == 0 and run.stderr == ""
+
+
+def test_https_endpoint_on_plain_http_registry(registry: RegistryServer, tmp: Path) -> None:
+    config = write_images_config(tmp / "c.yaml", [f"{GCR}/a/b:1"],
+                                 registries=gcr(registry.url.replace("http://", "https://")))
+    run = bmsync("pull", "--config", str(config), "--store", str(tmp / "store"))
+    assert run.code == 4
+    assert "does not speak TLS" in run.stderr and "http://" in run.stderr
