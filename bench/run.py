@@ -7,9 +7,10 @@ sharing base layers, some multi-arch, OCI and Docker media types), serves it fro
 local ``docker-registry`` standing in for gcr.io, and times, in the same run:
 
 - ``pull``: ``bmsync pull`` cold (empty store) and warm (same release again), against
-  skopeo copying the same images into one OCI layout, serially (one
-  ``skopeo copy --all`` per image) and with one loop per repository in parallel; the
-  faster skopeo variant is the peer. skopeo's blob-info cache is cleared before each
+  skopeo copying the same images into an OCI layout, serially (one ``skopeo copy --all``
+  per image, one layout) and with one loop per repository in parallel (one layout per
+  repository: parallel skopeo processes corrupt a shared index.json); the faster skopeo
+  variant is the peer. skopeo's blob-info cache is cleared before each
   skopeo run (it changes skopeo's request counts between runs). Both fsync blobs.
 
 Every benchmark runs the real commands as separate processes and reads request
@@ -115,10 +116,17 @@ def bench_pull(lab: Lab) -> list[Row]:
             _skopeo_copy(src, img, lab.work / "skopeo-serial")
 
     def skopeo_parallel() -> None:
-        layout = lab.work / "skopeo-parallel"
+        # One layout per repository: concurrent skopeo processes writing one layout race
+        # on its index.json (seen here: "initializing destination ...: EOF").
+        root = lab.work / "skopeo-parallel"
+        root.mkdir(parents=True, exist_ok=True)
+
+        def loop(imgs: list[SeededImage]) -> None:
+            for img in imgs:
+                _skopeo_copy(src, img, root / img.repository.replace("/", "_"))
+
         with ThreadPoolExecutor(len(by_repo)) as pool:
-            list(pool.map(lambda imgs: [_skopeo_copy(src, i, layout) for i in imgs],
-                          by_repo.values()))
+            list(pool.map(loop, by_repo.values()))
 
     variants: list[tuple[str, Callable[[], None], Path]] = [
         ("bmsync pull (cold)", bmsync_cold, store),

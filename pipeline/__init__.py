@@ -1,0 +1,3 @@
+"""bmsync: air-gapped container image bundles and mirror sync."""
+
+__version__ = "0.1.0"

@@ -181,7 +181,7 @@ class _Puller:
     # -- one image -----------------------------------------------------------------------
 
     def pull(self, ref: Reference) -> ImageResult:
-        name = _store_name(ref)
+        name = store_name(ref)
         client = self.clients.client(ref.registry)
         pinned = ref.digest is not None
         platforms = () if pinned else self.platforms
@@ -375,7 +375,7 @@ class _CountingSink:
         self._sink.restart()
 
 
-def _store_name(ref: Reference) -> str:
+def store_name(ref: Reference) -> str:
     """The ``org.opencontainers.image.ref.name`` of an image: tag form when it has a tag."""
     if ref.tag:
         return str(Reference(ref.registry, ref.repository, ref.tag, None))
