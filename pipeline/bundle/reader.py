@@ -381,6 +381,11 @@ class BundleReader:
         if self._hashing is not None:
             self._hashing.drain()
 
+    def drain_raw(self) -> None:
+        """Hash the rest of the archive's bytes without decompressing (after an error)."""
+        if self._hashing is not None:
+            self._hashing.drain()
+
     @property
     def raw_sha256(self) -> str | None:
         """sha256 of the archive bytes (opened with ``hash_raw`` and read to the end)."""

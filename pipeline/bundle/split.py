@@ -140,11 +140,19 @@ def find_parts(path: Path) -> list[Path] | None:
         m = _PART.match(p.name)
         if m and m["stem"] == stem:
             numbered[int(m["n"])] = p
+    # The checksum file lists every part: it tells when the last ones are missing.
+    last = max(numbered)
+    sidecar = path.parent / f"{stem}.sha256"
+    if sidecar.is_file():
+        for line in sidecar.read_text(errors="replace").splitlines():
+            m = _PART.match(line.split(" ", 2)[-1].lstrip("*")) if " " in line else None
+            if m and m["stem"] == stem:
+                last = max(last, int(m["n"]))
     parts = []
-    for n in range(1, max(numbered) + 1):
+    for n in range(1, last + 1):
         if n not in numbered:
             raise IntegrityError(
-                f"{path.parent / part_name(stem, n)}: part {n} of {max(numbered)} is missing",
+                f"{path.parent / part_name(stem, n)}: part {n} of {last} is missing",
                 hint="copy every part of the archive",
             )
         parts.append(numbered[n])

@@ -82,33 +82,26 @@ def verify_bundle(
         sums = _expected_sums(source, require_sidecar)
         count = 0
         nbytes = 0
-        for blob in reader.blobs():
-            blob.reader.drain()
-            count += 1
-            nbytes += blob.entry.size
-        reader.finish()
+        try:
+            for blob in reader.blobs():
+                blob.reader.drain()
+                count += 1
+                nbytes += blob.entry.size
+            reader.finish()
+        except IntegrityError as e:
+            # Damage found inside: when the sidecar says which part (or that the whole
+            # archive) changed in transfer, that is the more useful thing to tell.
+            if sums is not None:
+                reader.drain_raw()
+                _check_sums(source, sums, reader.raw_sha256 or "", reader.part_sha256,
+                            cause=str(e))
+            raise
         digest = reader.raw_sha256 or ""
         parts_digests = reader.part_sha256
         manifest = reader.manifest
     checked_sidecar = False
     if sums is not None:
-        for part, got in zip(source.parts, parts_digests, strict=False):
-            want = sums.get(part.name)
-            if want is None:
-                raise IntegrityError(f"{source.sidecar}: no checksum for part {part.name}")
-            if want != got:
-                raise IntegrityError(
-                    f"{part}: sha256 {got} does not match {want} in {source.sidecar}",
-                    hint="copy this part again",
-                )
-        want = sums.get(Path(source.name).name)
-        if want is None:
-            raise IntegrityError(f"{source.sidecar}: no checksum for {Path(source.name).name}")
-        if want != digest:
-            raise IntegrityError(
-                f"{source.name}: sha256 {digest} does not match {want} in {source.sidecar}",
-                hint="the archive was changed or damaged in transfer",
-            )
+        _check_sums(source, sums, digest, parts_digests)
         checked_sidecar = True
     notes: list[str] = []
     checked_base = False
@@ -143,6 +136,30 @@ def verify_bundle(
         checked_base=checked_base,
         notes=notes,
     )
+
+
+def _check_sums(source: Source, sums: dict[str, str], digest: str, parts: list[str],
+                cause: str | None = None) -> None:
+    """Compare the archive's (and its parts') sha256 with the sidecar; raise on a mismatch."""
+    found = f"; {cause}" if cause else ""
+    for part, got in zip(source.parts, parts, strict=False):
+        want = sums.get(part.name)
+        if want is None:
+            raise IntegrityError(f"{source.sidecar}: no checksum for part {part.name}")
+        if want != got:
+            raise IntegrityError(
+                f"{part}: sha256 {got} does not match {want} in {source.sidecar}{found}",
+                hint="copy this part again",
+            )
+    name = Path(source.name).name
+    want = sums.get(name)
+    if want is None:
+        raise IntegrityError(f"{source.sidecar}: no checksum for {name}")
+    if want != digest:
+        raise IntegrityError(
+            f"{source.name}: sha256 {digest} does not match {want} in {source.sidecar}{found}",
+            hint="the archive was changed or damaged in transfer",
+        )
 
 
 def _expected_sums(source: Source, require: bool) -> dict[str, str] | None:
