@@ -4,7 +4,9 @@
    images (the same generator the tests and benchmarks use);
 2. writes ``demo-work/images.yaml`` pointing gcr.io at that registry;
 3. runs ``bmsync pull`` twice (cold, then warm) into ``demo-work/store``;
-4. reads one image back from the store with skopeo, the independent reader.
+4. cuts the release's archive with ``bmsync bundle build``, inspects and verifies it,
+   and extracts it into an OCI layout;
+5. reads one image back from that layout with skopeo, the independent reader.
 
 Every command is printed before it runs, so the output doubles as a walkthrough.
 The registry is stopped at the end, whatever happens.
@@ -85,21 +87,34 @@ def main(argv: list[str] | None = None) -> int:
         print("\n== pull again: nothing moves, one request per image")
         _run([bmsync, "pull", "--config", str(config), "--store", str(store)])
 
+        out = work / "out"
+        print("\n== cut the release's archive (the store is warm: nothing is pulled)")
+        _run([bmsync, "-q", "bundle", "build", "--config", str(config), "--store", str(store),
+              "--out", str(out)])
+        archive = out / "bmpackages_demo.tar.zst"
+        print("\n== what is in it, read from bundle.json alone")
+        _run([bmsync, "bundle", "inspect", str(archive)])
+        print("\n== check every byte against the sidecar and bundle.json")
+        _run([bmsync, "bundle", "verify", str(archive)])
+        print("\n== unpack it into a standard OCI layout")
+        layout = work / "layout"
+        _run([bmsync, "bundle", "extract", str(archive), "--to", str(layout)])
+
         oci = next((i for i in seeded if "oci" in i.media_type), seeded[0])
         ref = f"gcr.io/{oci.reference}"
-        print("\n== skopeo reads the store as a standard OCI layout")
-        out = _run(["skopeo", "inspect", "--raw", f"oci:{store}:{ref}"], echo=False)
-        read_back = "sha256:" + hashlib.sha256(out.encode()).hexdigest()
-        media = json.loads(out).get("mediaType")
-        print(f"   {media}, {len(json.loads(out)['layers'])} layers")
+        print("\n== skopeo reads the unpacked archive as a standard OCI layout")
+        raw = _run(["skopeo", "inspect", "--raw", f"oci:{layout}:{ref}"], echo=False)
+        read_back = "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+        media = json.loads(raw).get("mediaType")
+        print(f"   {media}, {len(json.loads(raw)['layers'])} layers")
         print(f"   digest read back by skopeo: {read_back}")
         print(f"   digest pushed upstream:     {oci.digest}")
         if read_back != oci.digest:
-            raise SystemExit("demo: the store does not hold the upstream bytes")
+            raise SystemExit("demo: the archive does not hold the upstream bytes")
     finally:
         registry.close()
-    print(f"\ndemo done: store in {store.relative_to(ROOT)}, config in"
-          f" {config.relative_to(ROOT)}; the registry has been stopped.")
+    print(f"\ndemo done: in {work.relative_to(ROOT)}/: images.yaml, store/, out/ (the archive"
+          " and its sidecars), layout/; the registry has been stopped.")
     return 0
 
 
