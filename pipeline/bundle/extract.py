@@ -1,8 +1,10 @@
 """``bmsync bundle extract``: an archive into a standard OCI layout, safely.
 
-A full bundle extracts into a fresh directory: everything is written under a temporary
-sibling name (``.NAME.partial-XXXX``) and renamed into place only when every blob has
-been verified, so an interrupted or refused extraction leaves nothing at ``DIR``.
+The layout also gets the bundle's ``bundle.json`` (OCI readers ignore it; ``push images
+--source=DIR`` plans from it). A full bundle extracts into a fresh directory: everything
+is written under a temporary sibling name (``.NAME.partial-XXXX``) and renamed into
+place only when every blob has been verified, so an interrupted or refused extraction
+leaves nothing at ``DIR``.
 
 A delta extracts only onto a layout that already holds its base (``onto``): every blob
 the delta leaves out must be present there first (named if not); new blobs are written
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.bundle.format import OCI_LAYOUT, REF_NAME
+from pipeline.bundle.format import BUNDLE_JSON, OCI_LAYOUT, REF_NAME
 from pipeline.bundle.reader import BundleReader, open_bundle
 from pipeline.errors import IntegrityError, StoreError, UsageError
 from pipeline.store import atomic_write
@@ -70,6 +72,8 @@ def _extract_fresh(reader: BundleReader, to: Path) -> ExtractResult:
         blobs_dir.mkdir(parents=True)
         written, nbytes = _write_blobs(reader, blobs_dir)
         (tmp / OCI_LAYOUT).write_bytes(b'{"imageLayoutVersion":"1.0.0"}')
+        # bundle.json beside the layout lets `push images --source=DIR` plan from it.
+        atomic_write(tmp / BUNDLE_JSON, reader.manifest_raw)
         atomic_write(tmp / "index.json", reader.index_json)
         _fsync_dir(blobs_dir)
         os.rename(tmp, to)
@@ -100,6 +104,7 @@ def _extract_onto(reader: BundleReader, onto: Path) -> ExtractResult:
     blobs_dir.mkdir(parents=True, exist_ok=True)
     written, nbytes = _write_blobs(reader, blobs_dir)
     _merge_index(onto / "index.json", json.loads(reader.index_json))
+    atomic_write(onto / BUNDLE_JSON, reader.manifest_raw)
     return ExtractResult(onto, reader.manifest.version, len(reader.manifest.images), written,
                          nbytes)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -25,6 +25,7 @@ import requests
 import urllib3.exceptions
 
 from pipeline.errors import (
+    BmsyncError,
     ConnectionLost,
     Forbidden,
     IntegrityError,
@@ -50,6 +51,10 @@ MAX_TAGS_PAGE = 8 * 1024 * 1024
 MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
+
+
+class ResendNeeded(TransportError):
+    """A streamed body was refused before it was read (token refresh): start it again."""
 
 
 @dataclass(frozen=True)
@@ -174,33 +179,163 @@ class RegistryClient:
 
         ``page_size`` is the ``n`` asked for; registries may send fewer per page.
         """
-        tags: list[str] = []
-        path: str | None = f"/v2/{repository}/tags/list?n={page_size}"
+        return self._list_pages(
+            f"/v2/{repository}/tags/list?n={page_size}", "tags", repository,
+            [f"repository:{repository}:pull"], what or f"{self.host}/{repository}", "tag list",
+        )
+
+    def list_repositories(self, *, page_size: int = 1000) -> list[str]:
+        """Every repository of the registry (``/v2/_catalog``, paginated)."""
+        return self._list_pages(
+            f"/v2/_catalog?n={page_size}", "repositories", "", ["registry:catalog:*"],
+            self.host, "repository catalog",
+        )
+
+    def _list_pages(self, path: str | None, key: str, repository: str, scopes: list[str],
+                    what: str, noun: str) -> list[str]:
+        items: list[str] = []
         seen: set[str] = set()
         while path:
             if path in seen:
-                raise ProtocolError(f"{self.host}/{repository}: tag list pagination loops")
+                raise ProtocolError(f"{what}: {noun} pagination loops")
             seen.add(path)
-            resp = self._send("GET", path, repository, stream=True)
+            resp = self._send("GET", path, repository, stream=True, scopes=scopes)
             if resp.status_code != 200:
-                self._raise_for(resp, what or f"{self.host}/{repository}", "tag list")
+                self._raise_for(resp, what, noun)
             link = resp.headers.get("Link", "")
-            body = read_limited(resp, MAX_TAGS_PAGE, f"tag list of {repository}")
+            body = read_limited(resp, MAX_TAGS_PAGE, f"{noun} of {what}")
             try:
                 page = json.loads(body)
             except ValueError:
-                raise ProtocolError(f"{self.host}/{repository}: tag list is not JSON") from None
-            page_tags = page.get("tags") if isinstance(page, dict) else None
-            tags.extend(t for t in page_tags or [] if isinstance(t, str))
+                raise ProtocolError(f"{what}: {noun} is not JSON") from None
+            values = page.get(key) if isinstance(page, dict) else None
+            items.extend(t for t in values or [] if isinstance(t, str))
             match = _LINK_NEXT.search(link)
             path = None
             if match:
                 nxt = urljoin(self.base_url + "/", match.group(1))
                 if _origin(nxt) != _origin(self.base_url):
-                    raise ProtocolError(f"{self.host}: tag list links to another host")
+                    raise ProtocolError(f"{self.host}: {noun} links to another host")
                 parts = urlsplit(nxt)
                 path = parts.path + (f"?{parts.query}" if parts.query else "")
-        return tags
+        return items
+
+    # -- writes --------------------------------------------------------------------------
+
+    @staticmethod
+    def push_scopes(repository: str, mount_from: str | None = None) -> list[str]:
+        scopes = [f"repository:{repository}:pull,push"]
+        if mount_from and mount_from != repository:
+            scopes.append(f"repository:{mount_from}:pull")
+        return scopes
+
+    def blob_exists(self, repository: str, digest: str, *, push: bool = True) -> bool:
+        """HEAD a blob: True on 200, False on 404; anything else raises."""
+        scopes = self.push_scopes(repository) if push else None
+        resp = self._send("HEAD", f"/v2/{repository}/blobs/{digest}", repository, scopes=scopes)
+        resp.close()
+        if resp.status_code == 200:
+            return True
+        if resp.status_code == 404:
+            return False
+        self._raise_for(resp, f"{self.host}/{repository}", f"blob {digest}")
+        return False  # not reached
+
+    def mount_blob(self, repository: str, digest: str, from_repository: str) -> bool:
+        """Ask the registry to mount ``digest`` from another repository of its own.
+
+        True when mounted (201). A registry that declines answers 202 with an upload
+        session instead, which is cancelled here: the caller uploads. False then.
+        """
+        path = f"/v2/{repository}/blobs/uploads/?mount={digest}&from={from_repository}"
+        resp = self._send("POST", path, repository, idempotent=False,
+                          scopes=self.push_scopes(repository, from_repository))
+        resp.close()
+        if resp.status_code == 201:
+            return True
+        if resp.status_code == 202:
+            location = resp.headers.get("Location")
+            if location:
+                self._cancel(repository, urljoin(self.base_url + "/", location))
+            return False
+        self._raise_for(resp, f"{self.host}/{repository}", f"mount of blob {digest}")
+        return False  # not reached
+
+    def upload_blob(self, repository: str, digest: str, size: int,
+                    chunks: Iterable[bytes], *, verify: Callable[[], None]) -> None:
+        """Upload one blob: its bytes streamed by ``chunks`` in one PATCH, committed last.
+
+        ``verify`` is called after the last chunk went out and before the commit
+        (``PUT ?digest=``): it raises when the bytes read locally do not match the
+        digest, and the upload session is then cancelled, so the registry never holds
+        a blob that failed the local check. Any failure cancels the session; the caller
+        may start again with a fresh ``chunks``.
+        """
+        where = f"{self.host}/{repository}"
+        scopes = self.push_scopes(repository)
+        resp = self._send("POST", f"/v2/{repository}/blobs/uploads/", repository,
+                          scopes=scopes, idempotent=False)
+        resp.close()
+        if resp.status_code != 202 or "Location" not in resp.headers:
+            self._raise_for(resp, where, f"upload of blob {digest}")
+        location = urljoin(self.base_url + "/", resp.headers["Location"])
+        committed = False
+        try:
+            if size:
+                resp = self._send(
+                    "PATCH", "", repository, url=location, scopes=scopes, idempotent=False,
+                    headers={"Content-Type": "application/octet-stream"}, data=chunks,
+                )
+                resp.close()
+                if resp.status_code != 202:
+                    self._raise_for(resp, where, f"upload of blob {digest}")
+                location = urljoin(location, resp.headers.get("Location", location))
+            else:
+                for _ in chunks:
+                    pass
+            verify()
+            sep = "&" if urlsplit(location).query else "?"
+            resp = self._send(
+                "PUT", "", repository, url=f"{location}{sep}digest={digest}", scopes=scopes,
+                headers={"Content-Type": "application/octet-stream", "Content-Length": "0"},
+                idempotent=False,
+            )
+            resp.close()
+            if resp.status_code not in (201, 204):
+                self._raise_for(resp, where, f"commit of blob {digest}")
+            committed = True
+        finally:
+            if not committed:
+                self._cancel(repository, location)
+
+    def put_manifest(self, repository: str, reference: str, raw: bytes, media_type: str,
+                     *, expected_digest: str) -> None:
+        """PUT a manifest by tag or digest; the registry must agree on its digest."""
+        where = f"{self.host}/{repository}"
+        resp = self._send(
+            "PUT", f"/v2/{repository}/manifests/{reference}", repository,
+            scopes=self.push_scopes(repository), data=raw,
+            headers={"Content-Type": media_type},
+        )
+        resp.close()
+        if resp.status_code not in (200, 201, 204):
+            self._raise_for(resp, where, f"manifest {reference}")
+        got = resp.headers.get("Docker-Content-Digest")
+        if got and got != expected_digest:
+            raise IntegrityError(
+                f"{where}: registry stored manifest {reference} as {got}, not {expected_digest}",
+                expected=expected_digest,
+                actual=got,
+            )
+
+    def _cancel(self, repository: str, location: str) -> None:
+        """Best effort: drop an upload session (a failed cancel is only logged)."""
+        try:
+            resp = self._send("DELETE", "", repository, url=location,
+                              scopes=self.push_scopes(repository), idempotent=False)
+            resp.close()
+        except BmsyncError as e:
+            log.debug("could not cancel upload session: %s", e)
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -212,25 +347,34 @@ class RegistryClient:
         *,
         headers: Mapping[str, str] | None = None,
         stream: bool = False,
-        data: bytes | None = None,
+        data: bytes | Iterable[bytes] | None = None,
         scopes: Iterable[str] | None = None,
+        url: str | None = None,
+        idempotent: bool = True,
     ) -> requests.Response:
         """One authenticated request, answering one 401 challenge and following redirects.
 
+        ``url`` (absolute, e.g. an upload session's Location) replaces ``path``. A body
+        given as an iterator cannot be sent twice: a 401 then raises :class:`ResendNeeded`
+        after refreshing the token, so the caller restarts what it was doing.
         Redirects keep ``Authorization`` only while they stay on the registry's origin.
         """
         scope_list = list(scopes) if scopes is not None else [f"repository:{repository}:pull"]
-        url = self.base_url + path
+        url = url or self.base_url + path
         hdrs = dict(headers or {})
         auth = self.auth.header(scope_list)
         if auth:
             hdrs["Authorization"] = auth
-        resp = self.transport.request(method, url, headers=hdrs, stream=stream, data=data)
+        resp = self.transport.request(method, url, headers=hdrs, stream=stream, data=data,
+                                      idempotent=idempotent)
         if resp.status_code == 401:
             challenge = resp.headers.get("WWW-Authenticate")
             resp.close()
             hdrs["Authorization"] = self.auth.answer(challenge, scope_list, sent=auth)
-            resp = self.transport.request(method, url, headers=hdrs, stream=stream, data=data)
+            if data is not None and not isinstance(data, bytes):
+                raise ResendNeeded(f"{self.host}: token expired during an upload")
+            resp = self.transport.request(method, url, headers=hdrs, stream=stream, data=data,
+                                          idempotent=idempotent)
             if resp.status_code == 401:
                 resp.close()
                 raise self.auth.rejected()
@@ -249,7 +393,8 @@ class RegistryClient:
             if resp.status_code == 303:
                 method, data = "GET", None
             url = target
-            resp = self.transport.request(method, url, headers=hdrs, stream=stream, data=data)
+            resp = self.transport.request(method, url, headers=hdrs, stream=stream, data=data,
+                                          idempotent=idempotent)
         return resp
 
     @staticmethod

@@ -25,7 +25,7 @@ import random
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -180,7 +180,7 @@ class Transport:
         *,
         headers: Mapping[str, str] | None = None,
         stream: bool = False,
-        data: bytes | None = None,
+        data: bytes | Iterable[bytes] | None = None,
         idempotent: bool = True,
     ) -> requests.Response:
         """Send one request, retrying per policy; never follows redirects.

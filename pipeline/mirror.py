@@ -1,0 +1,548 @@
+"""Push a bundle into a namespaced mirror, moving only what it lacks (DESIGN.md §7).
+
+Call order for one mirror (:func:`push_bundle`):
+
+1. every image's mirror path is computed, and two sources landing on one path are an
+   error before any request;
+2. one ``HEAD`` per image on its tag: an image already at its digest costs nothing
+   more; a tag at another digest is retagged (old -> new), or refused with
+   ``no_overwrite``;
+3. for a delta, every blob it leaves to its base must already be in the mirror (``HEAD``,
+   or a mount from another repository of this push), else nothing is pushed and the
+   missing base version is named;
+4. blobs, grouped by digest: skipped when present (``HEAD``), mounted from a repository
+   of the same registry that has it, otherwise uploaded once and mounted elsewhere;
+   each upload streams from the source and is committed (``PUT ?digest=``) only after
+   the bytes read locally match the digest;
+5. per image whose blobs all made it: child manifests by digest, then the image's own
+   manifest by tag. A tag never points at a partial image.
+
+Blob bytes come from a :class:`BlobSource`: random access into a seekable archive or
+an OCI layout (no temporary disk), or one ordered pass over a stream where each needed
+blob is spooled to a temporary file only while its uploads run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol, cast
+
+from pipeline.bundle.format import BundleManifest, ImageEntry
+from pipeline.bundle.reader import BundleReader, VerifyingReader
+from pipeline.errors import BmsyncError, NotFound, StoreError, TransportError
+from pipeline.progress import Progress
+from pipeline.reference import (
+    Mirror,
+    Reference,
+    check_mirror_collisions,
+    mirror_reference,
+    parse_reference,
+)
+from pipeline.registry.client import RegistryClient, ResendNeeded
+
+log = logging.getLogger("bmsync.push")
+
+CHUNK = 1024 * 1024
+UPLOAD_ATTEMPTS = 4
+
+
+# -- where blob bytes come from -------------------------------------------------------------
+
+
+class BlobSource(Protocol):
+    """Opens a blob as a verifying reader; thread-safe."""
+
+    def open(self, digest: str) -> VerifyingReader: ...
+
+
+class ArchiveSource:
+    """Random access into a seekable archive (through its seek table)."""
+
+    def __init__(self, reader: BundleReader) -> None:
+        self._reader = reader
+
+    def open(self, digest: str) -> VerifyingReader:
+        return self._reader.open_blob(digest)
+
+
+class LayoutSource:
+    """An extracted OCI layout (``bmsync bundle extract``): ``blobs/sha256/<hex>``."""
+
+    def __init__(self, root: Path, manifest: BundleManifest) -> None:
+        self._root = root
+        self._manifest = manifest
+
+    def open(self, digest: str) -> VerifyingReader:
+        path = self._root / "blobs" / "sha256" / digest.split(":", 1)[1]
+        entry = self._manifest.blobs[digest]
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed by the reader's owner
+        except OSError as e:
+            raise StoreError(f"{path}: cannot read blob {digest}: {e.strerror}") from None
+        return VerifyingReader(cast(IO[bytes], f), digest, entry.size, str(self._root))
+
+
+class SpoolSource:
+    """Blobs spooled from an ordered stream, each kept only while its uploads run."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, Path] = {}
+        self._sizes: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.dir = Path(tempfile.mkdtemp(prefix="bmsync-push-"))
+
+    def add(self, digest: str, size: int, reader: VerifyingReader) -> None:
+        path = self.dir / digest.split(":", 1)[1]
+        with open(path, "wb") as out:
+            while chunk := reader.read(CHUNK):
+                out.write(chunk)
+        with self._lock:
+            self._files[digest] = path
+            self._sizes[digest] = size
+
+    def open(self, digest: str) -> VerifyingReader:
+        with self._lock:
+            path, size = self._files[digest], self._sizes[digest]
+        return VerifyingReader(cast(IO[bytes], open(path, "rb")), digest, size, "spool")
+
+    def drop(self, digest: str) -> None:
+        with self._lock:
+            path = self._files.pop(digest, None)
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def close(self) -> None:
+        for digest in list(self._files):
+            self.drop(digest)
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
+
+
+# -- reports ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ImagePush:
+    source: str
+    target: str  # mirror reference, HOST[:PORT]/NS/REPO:TAG
+    digest: str
+    upstream_digest: str
+    status: str = "planned"  # planned | present | pushed | retagged | failed
+    old_digest: str | None = None
+    error: str | None = None
+    exit_code: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "source": self.source,
+            "target": self.target,
+            "digest": self.digest,
+            "upstreamDigest": self.upstream_digest,
+            "status": self.status,
+        }
+        if self.old_digest:
+            out["oldDigest"] = self.old_digest
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+@dataclass
+class PushReport:
+    mirror: str
+    images: list[ImagePush] = field(default_factory=list)
+    blobs_uploaded: int = 0
+    blobs_mounted: int = 0
+    blobs_skipped: int = 0
+    bytes_uploaded: int = 0
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    @property
+    def failed(self) -> list[ImagePush]:
+        return [i for i in self.images if i.status == "failed"]
+
+    def to_json(self) -> dict[str, Any]:
+        count = {s: sum(1 for i in self.images if i.status == s)
+                 for s in ("present", "pushed", "retagged", "failed", "planned")}
+        return {
+            "mirror": self.mirror,
+            "dryRun": self.dry_run,
+            "images": [i.to_json() for i in self.images],
+            "summary": {
+                **count,
+                "blobsUploaded": self.blobs_uploaded,
+                "blobsMounted": self.blobs_mounted,
+                "blobsSkipped": self.blobs_skipped,
+                "bytesUploaded": self.bytes_uploaded,
+                "seconds": round(self.seconds, 3),
+            },
+        }
+
+
+# -- the push -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Image:
+    entry: ImageEntry
+    ref: Reference  # on the mirror
+    report: ImagePush
+    blobs: list[str]  # layers and configs (not manifests)
+    manifests: list[str]  # children first, the image's own last
+
+
+class _Pusher:
+    def __init__(self, manifest: BundleManifest, mirror: Mirror, client: RegistryClient,
+                 source: BlobSource | None, *, concurrency: int, no_overwrite: bool,
+                 progress: Progress) -> None:
+        self.manifest = manifest
+        self.mirror = mirror
+        self.client = client
+        self.source = source
+        self.concurrency = concurrency
+        self.no_overwrite = no_overwrite
+        self.progress = progress
+        self.report = PushReport(str(mirror))
+        self._lock = threading.Lock()
+        self.manifest_bytes: dict[str, bytes] = {}
+
+    # Plan ------------------------------------------------------------------------------
+
+    def plan(self) -> list[_Image]:
+        refs = [parse_reference(i.source) for i in self.manifest.images]
+        check_mirror_collisions(refs, self.mirror)
+        images = []
+        for entry, ref in zip(self.manifest.images, refs, strict=True):
+            target = mirror_reference(
+                Reference(ref.registry, ref.repository, ref.tag, None if ref.tag else entry.digest),
+                self.mirror,
+            )
+            report = ImagePush(entry.source, str(target), entry.digest, entry.upstream_digest)
+            self.report.images.append(report)
+            blobs, manifests = _split_blobs(self.manifest, entry)
+            images.append(_Image(entry, target, report, blobs, manifests))
+        return images
+
+    def check_tags(self, images: list[_Image]) -> list[_Image]:
+        """One HEAD per image; returns the images that need pushing."""
+        def head(img: _Image) -> None:
+            try:
+                current = self.client.head_manifest(img.ref.repository, img.ref.identifier).digest
+            except NotFound:
+                return
+            if current == img.entry.digest:
+                img.report.status = "present"
+            elif current and img.ref.tag:
+                if self.no_overwrite:
+                    img.report.status = "failed"
+                    img.report.exit_code = 2
+                    img.report.error = (
+                        f"{img.report.target} points at {current}, not {img.entry.digest};"
+                        " --no-overwrite refuses to move it"
+                    )
+                else:
+                    img.report.old_digest = current
+
+        with ThreadPoolExecutor(max(1, min(self.concurrency, len(images)))) as pool:
+            list(pool.map(head, images))
+        return [i for i in images if i.report.status == "planned"]
+
+    def check_base(self, todo: list[_Image]) -> None:
+        """A delta's left-out blobs must be in the mirror already (nothing is pushed if not)."""
+        base = self.manifest.base
+        if base is None:
+            return
+        left_out = set(self.manifest.missing_blobs())
+        needs: dict[str, list[str]] = {}
+        for img in todo:
+            for d in img.blobs + img.manifests:
+                if d in left_out:
+                    needs.setdefault(d, []).append(img.ref.repository)
+        repos = sorted({i.ref.repository for i in todo})
+
+        def find(digest: str) -> str | None:
+            wanted = needs[digest]
+            for repo in wanted:
+                if self.client.blob_exists(repo, digest):
+                    return None
+            for other in repos:
+                if other not in wanted and self.client.blob_exists(other, digest):
+                    return None
+            return digest
+
+        with ThreadPoolExecutor(max(1, min(self.concurrency, len(needs) or 1))) as pool:
+            absent = [d for d in pool.map(find, sorted(needs)) if d]
+        if absent:
+            raise NotFound(
+                f"mirror {self.mirror} lacks blob {absent[0]} (and {len(absent) - 1} more)"
+                f" that this delta leaves to its base {base.describe()}; nothing was pushed",
+                hint=f"push bundle {base.version} first" if base.version else
+                "push the bundle the inventory was taken from first",
+            )
+
+    # Blobs -----------------------------------------------------------------------------
+
+    def blob_tasks(self, todo: list[_Image]) -> dict[str, list[str]]:
+        """digest -> repositories that need it (layers and configs only)."""
+        by_digest: dict[str, list[str]] = {}
+        for img in todo:
+            for d in img.blobs:
+                repos = by_digest.setdefault(d, [])
+                if img.ref.repository not in repos:
+                    repos.append(img.ref.repository)
+        return by_digest
+
+    def push_digest(self, digest: str, repos: list[str]) -> None:
+        """Make ``digest`` present in every repo of ``repos``: skip, mount or upload."""
+        have: str | None = None
+        missing: list[str] = []
+        for repo in repos:
+            if self.client.blob_exists(repo, digest):
+                have = have or repo
+                self._count(skipped=1)
+            else:
+                missing.append(repo)
+        for repo in missing:
+            if have is not None and self.client.mount_blob(repo, digest, have):
+                self._count(mounted=1)
+                continue
+            self.upload(repo, digest)
+            have = have or repo
+
+    def upload(self, repo: str, digest: str) -> None:
+        assert self.source is not None
+        size = self.manifest.blobs[digest].size
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            reader = self.source.open(digest)
+            try:
+                self.client.upload_blob(repo, digest, size, _chunks(reader, self.progress),
+                                        verify=reader.drain)
+            except (TransportError, ResendNeeded) as e:
+                if attempt == UPLOAD_ATTEMPTS:
+                    raise
+                delay = self.client.transport.policy.backoff(attempt)
+                log.debug("upload of %s to %s failed (%s); new session in %.1fs",
+                          digest, repo, e, delay)
+                time.sleep(delay)
+                continue
+            finally:
+                reader.close()
+            self._count(uploaded=1, nbytes=size)
+            return
+
+    def _count(self, *, skipped: int = 0, mounted: int = 0, uploaded: int = 0,
+               nbytes: int = 0) -> None:
+        with self._lock:
+            self.report.blobs_skipped += skipped
+            self.report.blobs_mounted += mounted
+            self.report.blobs_uploaded += uploaded
+            self.report.bytes_uploaded += nbytes
+
+    # Manifests -------------------------------------------------------------------------
+
+    def manifest_raw(self, digest: str) -> bytes:
+        raw = self.manifest_bytes.get(digest)
+        if raw is None:
+            assert self.source is not None
+            with self.source.open(digest) as r:
+                raw = r.read()
+                r.drain()
+            self.manifest_bytes[digest] = raw
+        return raw
+
+    def push_manifests(self, img: _Image) -> None:
+        repo = img.ref.repository
+        for digest in img.manifests[:-1]:  # children by digest first
+            try:
+                self.client.head_manifest(repo, digest)
+                continue  # already there (a shared child, or an earlier partial push)
+            except NotFound:
+                pass
+            entry = self.manifest.blobs[digest]
+            self.client.put_manifest(repo, digest, self.manifest_raw(digest),
+                                     entry.media_type, expected_digest=digest)
+        own = img.manifests[-1]
+        self.client.put_manifest(repo, img.ref.identifier, self.manifest_raw(own),
+                                 img.entry.media_type, expected_digest=own)
+        img.report.status = "retagged" if img.report.old_digest else "pushed"
+
+
+def _chunks(reader: VerifyingReader, progress: Progress) -> Iterator[bytes]:
+    while chunk := reader.read(CHUNK):
+        progress.advance(len(chunk))
+        yield chunk
+
+
+def _split_blobs(manifest: BundleManifest, entry: ImageEntry) -> tuple[list[str], list[str]]:
+    """An image's layers/configs, and its manifests ordered children first."""
+    from pipeline.manifest import IMAGE_TYPES, INDEX_TYPES
+
+    blobs, images, indexes = [], [], []
+    for d in entry.blobs:
+        media = manifest.blobs[d].media_type
+        if d == entry.digest:
+            continue
+        if media in INDEX_TYPES:
+            indexes.append(d)
+        elif media in IMAGE_TYPES:
+            images.append(d)
+        else:
+            blobs.append(d)
+    return blobs, images + indexes + [entry.digest]
+
+
+def push_bundle(
+    manifest: BundleManifest,
+    targets: Sequence[tuple[Mirror, RegistryClient]],
+    *,
+    reader: BundleReader | None = None,
+    layout: Path | None = None,
+    concurrency: int = 8,
+    dry_run: bool = False,
+    no_overwrite: bool = False,
+    progress: Progress | None = None,
+) -> list[PushReport]:
+    """Push the bundle of ``manifest`` into every mirror of ``targets``.
+
+    Blobs come from ``layout`` (an extracted layout) or from ``reader`` (the archive:
+    random access when seekable, else one ordered pass). Per-image failures are in the
+    reports; a failure that concerns a whole mirror (collisions, a delta's missing
+    base, the mirror unreachable) raises before anything is pushed.
+    """
+    progress = progress or Progress("push", enabled=False)
+    started = time.monotonic()
+    spool: SpoolSource | None = None
+    if layout is not None:
+        source: BlobSource = LayoutSource(layout, manifest)
+    elif reader is None:
+        raise ValueError("push_bundle needs a reader or a layout")
+    elif reader.seekable:
+        source = ArchiveSource(reader)
+    else:
+        spool = SpoolSource()
+        source = spool
+    pushers = [
+        _Pusher(manifest, mirror, client, source, concurrency=concurrency,
+                no_overwrite=no_overwrite, progress=progress)
+        for mirror, client in targets
+    ]
+    try:
+        plans: list[tuple[_Pusher, list[_Image]]] = []
+        for p in pushers:
+            images = p.plan()
+            todo = p.check_tags(images)
+            p.check_base(todo)
+            plans.append((p, todo))
+        if dry_run or not any(todo for _, todo in plans):
+            for p, _ in plans:
+                p.report.dry_run = dry_run
+                p.report.seconds = time.monotonic() - started
+            return [p.report for p in pushers]
+        for p, todo in plans:
+            for d, entry in manifest.blobs.items():
+                if d in p.blob_tasks(todo):
+                    progress.add_total(entry.size)
+        if spool is not None:
+            assert reader is not None
+            _push_streamed(reader, spool, plans, concurrency)
+        else:
+            for p, todo in plans:
+                _push_random(p, todo, concurrency)
+    finally:
+        if spool is not None:
+            spool.close()
+        progress.close()
+    for p in pushers:
+        p.report.seconds = time.monotonic() - started
+    return [p.report for p in pushers]
+
+
+def _run_image_blobs(p: _Pusher, todo: list[_Image],
+                     futures: dict[str, Future[None]]) -> None:
+    """Once every blob of an image is done, push its manifests (or record its failure)."""
+    for img in todo:
+        error: BaseException | None = None
+        for d in img.blobs:
+            try:
+                futures[d].result()
+            except BmsyncError as e:
+                error = e
+                break
+        if error is None:
+            try:
+                p.push_manifests(img)
+                continue
+            except BmsyncError as e:
+                error = e
+        assert isinstance(error, BmsyncError)
+        img.report.status = "failed"
+        img.report.error = f"{img.report.target}: {error}"
+        img.report.exit_code = error.exit_code
+
+
+def _push_random(p: _Pusher, todo: list[_Image], concurrency: int) -> None:
+    tasks = p.blob_tasks(todo)
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="push") as pool:
+        # Largest first: the long uploads start early and the pool stays busy.
+        order = sorted(tasks, key=lambda d: -p.manifest.blobs[d].size)
+        futures = {d: pool.submit(p.push_digest, d, tasks[d]) for d in order}
+        _run_image_blobs(p, todo, futures)
+
+
+def _push_streamed(reader: BundleReader, spool: SpoolSource,
+                   plans: list[tuple[_Pusher, list[_Image]]], concurrency: int) -> None:
+    """One ordered pass over the archive: spool what is needed, push, drop."""
+    needed: dict[str, list[tuple[_Pusher, list[str]]]] = {}
+    manifests_needed: set[str] = set()
+    for p, todo in plans:
+        for d, repos in p.blob_tasks(todo).items():
+            needed.setdefault(d, []).append((p, repos))
+        for img in todo:
+            manifests_needed.update(img.manifests)
+    futures: dict[_Pusher, dict[str, Future[None]]] = {p: {} for p, _ in plans}
+    in_flight = threading.BoundedSemaphore(max(1, concurrency))
+
+    def run(digest: str) -> None:
+        try:
+            for p, repos in needed[digest]:
+                p.push_digest(digest, repos)
+        finally:
+            spool.drop(digest)
+            in_flight.release()
+
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="push") as pool:
+        for blob in reader.blobs():
+            if blob.digest in manifests_needed:
+                data = blob.reader.read()
+                for p, _ in plans:
+                    p.manifest_bytes[blob.digest] = data
+            elif blob.digest in needed:
+                in_flight.acquire()
+                try:
+                    spool.add(blob.digest, blob.entry.size, blob.reader)
+                except BaseException:
+                    in_flight.release()
+                    raise
+                fut = pool.submit(run, blob.digest)
+                for p, _ in needed[blob.digest]:
+                    futures[p][blob.digest] = fut
+        reader.finish()
+        for p, todo in plans:
+            # Blobs a delta left out are in the mirror already (checked before).
+            done: Future[None] = Future()
+            done.set_result(None)
+            for img in todo:
+                for d in img.blobs:
+                    futures[p].setdefault(d, done)
+            _run_image_blobs(p, todo, futures[p])
+
