@@ -215,6 +215,8 @@ class _Pusher:
         self.report = PushReport(str(mirror))
         self._lock = threading.Lock()
         self.manifest_bytes: dict[str, bytes] = {}
+        # For a delta: where each blob it leaves to its base was found in the mirror.
+        self.base_location: dict[str, str] = {}
 
     # Plan ------------------------------------------------------------------------------
 
@@ -272,11 +274,10 @@ class _Pusher:
 
         def find(digest: str) -> str | None:
             wanted = needs[digest]
-            for repo in wanted:
-                if self.client.blob_exists(repo, digest):
-                    return None
-            for other in repos:
-                if other not in wanted and self.client.blob_exists(other, digest):
+            for repo in wanted + [r for r in repos if r not in wanted]:
+                if self.has(repo, digest):
+                    with self._lock:
+                        self.base_location[digest] = repo
                     return None
             return digest
 
@@ -289,6 +290,19 @@ class _Pusher:
                 hint=f"push bundle {base.version} first" if base.version else
                 "push the bundle the inventory was taken from first",
             )
+
+    def has(self, repo: str, digest: str) -> bool:
+        """Whether ``repo`` holds ``digest``: manifests are asked for as manifests (a
+        registry links them apart from layers), everything else as a blob."""
+        from pipeline.manifest import IMAGE_TYPES, INDEX_TYPES
+
+        if self.manifest.blobs[digest].media_type in IMAGE_TYPES | INDEX_TYPES:
+            try:
+                self.client.head_manifest(repo, digest)
+                return True
+            except NotFound:
+                return False
+        return self.client.blob_exists(repo, digest)
 
     # Blobs -----------------------------------------------------------------------------
 
@@ -304,7 +318,7 @@ class _Pusher:
 
     def push_digest(self, digest: str, repos: list[str]) -> None:
         """Make ``digest`` present in every repo of ``repos``: skip, mount or upload."""
-        have: str | None = None
+        have: str | None = self.base_location.get(digest)
         missing: list[str] = []
         for repo in repos:
             if self.client.blob_exists(repo, digest):
@@ -316,6 +330,12 @@ class _Pusher:
             if have is not None and self.client.mount_blob(repo, digest, have):
                 self._count(mounted=1)
                 continue
+            if not self.manifest.blobs[digest].in_archive:
+                raise NotFound(
+                    f"blob {digest}, left to the base, is in {have or 'no repository'} of"
+                    f" the mirror and could not be mounted into {repo}",
+                    hint="push the base bundle first",
+                )
             self.upload(repo, digest)
             have = have or repo
 
@@ -350,13 +370,18 @@ class _Pusher:
 
     # Manifests -------------------------------------------------------------------------
 
-    def manifest_raw(self, digest: str) -> bytes:
+    def manifest_raw(self, digest: str, repo: str) -> bytes:
+        """A manifest's bytes: from the bundle, or (a delta leaving it to its base, for
+        example an image re-tagged unchanged) from the mirror, where the base put it."""
         raw = self.manifest_bytes.get(digest)
         if raw is None:
-            assert self.source is not None
-            with self.source.open(digest) as r:
-                raw = r.read()
-                r.drain()
+            if not self.manifest.blobs[digest].in_archive:
+                raw = self.client.get_manifest(self.base_location.get(digest, repo), digest).raw
+            else:
+                assert self.source is not None
+                with self.source.open(digest) as r:
+                    raw = r.read()
+                    r.drain()
             self.manifest_bytes[digest] = raw
         return raw
 
@@ -369,10 +394,10 @@ class _Pusher:
             except NotFound:
                 pass
             entry = self.manifest.blobs[digest]
-            self.client.put_manifest(repo, digest, self.manifest_raw(digest),
+            self.client.put_manifest(repo, digest, self.manifest_raw(digest, repo),
                                      entry.media_type, expected_digest=digest)
         own = img.manifests[-1]
-        self.client.put_manifest(repo, img.ref.identifier, self.manifest_raw(own),
+        self.client.put_manifest(repo, img.ref.identifier, self.manifest_raw(own, repo),
                                  img.entry.media_type, expected_digest=own)
         img.report.status = "retagged" if img.report.old_digest else "pushed"
 
@@ -538,11 +563,10 @@ def _push_streamed(reader: BundleReader, spool: SpoolSource,
                     futures[p][blob.digest] = fut
         reader.finish()
         for p, todo in plans:
-            # Blobs a delta left out are in the mirror already (checked before).
-            done: Future[None] = Future()
-            done.set_result(None)
-            for img in todo:
-                for d in img.blobs:
-                    futures[p].setdefault(d, done)
+            # Blobs a delta leaves to its base are in the mirror (checked before): mount
+            # them where an image needs them.
+            for d, repos in p.blob_tasks(todo).items():
+                if d not in futures[p]:
+                    futures[p][d] = pool.submit(p.push_digest, d, repos)
             _run_image_blobs(p, todo, futures[p])
 
