@@ -4,12 +4,13 @@
    images (the same generator the tests and benchmarks use);
 2. writes ``demo-work/images.yaml`` pointing gcr.io at that registry;
 3. runs ``bmsync pull`` twice (cold, then warm) into ``demo-work/store``;
-4. cuts the release's archive with ``bmsync bundle build``, inspects and verifies it,
-   and extracts it into an OCI layout;
-5. reads one image back from that layout with skopeo, the independent reader.
+4. cuts the release's archive with ``bmsync bundle build``, inspects and verifies it;
+5. pushes it into a second local registry standing in for the site's mirror (namespace
+   ``test-namespace``), twice: the second push moves nothing;
+6. reads the mirror and the extracted layout back with skopeo, the independent reader.
 
 Every command is printed before it runs, so the output doubles as a walkthrough.
-The registry is stopped at the end, whatever happens.
+The registries are stopped at the end, whatever happens.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     bmsync = str(BMSYNC if BMSYNC.exists() else "bmsync")
 
     registry = start_registry(work / "gcr-stand-in")
+    mirror = start_registry(work / "mirror")
     try:
         print(f"== a local registry stands in for gcr.io at {registry.url}")
         seeded = seed_image_set(registry.url, images=args.images, total_mb=args.mb, seed=7)
@@ -100,8 +102,24 @@ def main(argv: list[str] | None = None) -> int:
         layout = work / "layout"
         _run([bmsync, "bundle", "extract", str(archive), "--to", str(layout)])
 
+        print(f"\n== push into the site's mirror (a second local registry, {mirror.url})")
+        target = f"--private-registry=http://{mirror.host}/test-namespace"
+        _run([bmsync, "push", "images", f"--source={archive}", target,
+              "--need-credential=false"])
+        print("\n== push again: one request per image, nothing moves")
+        _run([bmsync, "push", "images", f"--source={archive}", target,
+              "--need-credential=false"])
+
         oci = next((i for i in seeded if "oci" in i.media_type), seeded[0])
         ref = f"gcr.io/{oci.reference}"
+        print("\n== skopeo reads the mirror: the digest is upstream's")
+        raw = _run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                    f"docker://{mirror.host}/test-namespace/{oci.reference}"], echo=False)
+        mirrored = "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+        print(f"   digest in the mirror:   {mirrored}")
+        print(f"   digest pushed upstream: {oci.digest}")
+        if mirrored != oci.digest:
+            raise SystemExit("demo: the mirror does not serve the upstream digest")
         print("\n== skopeo reads the unpacked archive as a standard OCI layout")
         raw = _run(["skopeo", "inspect", "--raw", f"oci:{layout}:{ref}"], echo=False)
         read_back = "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
@@ -113,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("demo: the archive does not hold the upstream bytes")
     finally:
         registry.close()
+        mirror.close()
     print(f"\ndemo done: in {work.relative_to(ROOT)}/: images.yaml, store/, out/ (the archive"
-          " and its sidecars), layout/; the registry has been stopped.")
+          " and its sidecars), layout/; the registries have been stopped.")
     return 0
 
 

@@ -203,9 +203,10 @@ def _print_report(r: Any) -> None:
           f" {s['present']} already present, {s['retagged']} retagged, {s['failed']} failed")
     if not r.dry_run:
         rate = r.bytes_uploaded / 1e6 / r.seconds if r.seconds else 0
+        speed = f" ({rate:.0f} MB/s)" if r.bytes_uploaded else ""
         print(f"  blobs: {s['blobsUploaded']} uploaded, {s['blobsMounted']} mounted,"
               f" {s['blobsSkipped']} already there; {human_bytes(r.bytes_uploaded)} in"
-              f" {r.seconds:.2f} s ({rate:.0f} MB/s)")
+              f" {r.seconds:.2f} s{speed}")
     width = max((len(i.target) for i in r.images), default=10)
     for i in r.images:
         status = "to push" if i.status == "planned" else i.status
