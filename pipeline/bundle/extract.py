@@ -27,6 +27,7 @@ from typing import Any
 
 from pipeline.bundle.format import BUNDLE_JSON, OCI_LAYOUT, REF_NAME
 from pipeline.bundle.reader import BundleReader, open_bundle
+from pipeline.bundle.verify import check_sums, expected_sums
 from pipeline.errors import IntegrityError, StoreError, UsageError
 from pipeline.store import atomic_write
 
@@ -48,7 +49,10 @@ def extract_bundle(path: str | Path, *, to: Path | None = None,
     """Extract into a new directory ``to``, or merge into the existing layout ``onto``."""
     if (to is None) == (onto is None):
         raise UsageError("give either --to (a new directory) or --onto (an existing layout)")
-    with open_bundle(path) as reader:
+    with open_bundle(path, hash_raw=True) as reader:
+        # The sidecar is checked when it is there (verify requires it; extract is often
+        # run on an archive verified just before).
+        sums = expected_sums(reader.source, require=False)
         if to is not None:
             if reader.manifest.is_delta:
                 assert reader.manifest.base is not None
@@ -56,12 +60,12 @@ def extract_bundle(path: str | Path, *, to: Path | None = None,
                     f"{reader.source.name} is a delta of {reader.manifest.base.describe()}:"
                     " extract it --onto a layout that holds its base"
                 )
-            return _extract_fresh(reader, to)
+            return _extract_fresh(reader, to, sums)
         assert onto is not None
-        return _extract_onto(reader, onto)
+        return _extract_onto(reader, onto, sums)
 
 
-def _extract_fresh(reader: BundleReader, to: Path) -> ExtractResult:
+def _extract_fresh(reader: BundleReader, to: Path, sums: dict[str, str] | None) -> ExtractResult:
     if to.exists():
         raise UsageError(f"{to} already exists", hint="name a new directory, or use --onto")
     parent = to.parent
@@ -70,7 +74,7 @@ def _extract_fresh(reader: BundleReader, to: Path) -> ExtractResult:
     try:
         blobs_dir = tmp / "blobs" / "sha256"
         blobs_dir.mkdir(parents=True)
-        written, nbytes = _write_blobs(reader, blobs_dir)
+        written, nbytes = _write_blobs(reader, blobs_dir, sums)
         (tmp / OCI_LAYOUT).write_bytes(b'{"imageLayoutVersion":"1.0.0"}')
         # bundle.json beside the layout lets `push images --source=DIR` plan from it.
         atomic_write(tmp / BUNDLE_JSON, reader.manifest_raw)
@@ -85,7 +89,7 @@ def _extract_fresh(reader: BundleReader, to: Path) -> ExtractResult:
                          nbytes)
 
 
-def _extract_onto(reader: BundleReader, onto: Path) -> ExtractResult:
+def _extract_onto(reader: BundleReader, onto: Path, sums: dict[str, str] | None) -> ExtractResult:
     layout = onto / OCI_LAYOUT
     if not layout.is_file():
         raise UsageError(f"{onto} is not an OCI layout (no oci-layout file)")
@@ -102,15 +106,19 @@ def _extract_onto(reader: BundleReader, onto: Path) -> ExtractResult:
             hint="extract the base bundle there first",
         )
     blobs_dir.mkdir(parents=True, exist_ok=True)
-    written, nbytes = _write_blobs(reader, blobs_dir)
+    written, nbytes = _write_blobs(reader, blobs_dir, sums)
     _merge_index(onto / "index.json", json.loads(reader.index_json))
     atomic_write(onto / BUNDLE_JSON, reader.manifest_raw)
     return ExtractResult(onto, reader.manifest.version, len(reader.manifest.images), written,
                          nbytes)
 
 
-def _write_blobs(reader: BundleReader, blobs_dir: Path) -> tuple[int, int]:
-    """Write every blob of the archive (verified) into ``blobs_dir``; skip present ones."""
+def _write_blobs(reader: BundleReader, blobs_dir: Path,
+                 sums: dict[str, str] | None) -> tuple[int, int]:
+    """Write every blob of the archive (verified) into ``blobs_dir``; skip present ones.
+
+    Then the archive's checksum is compared with ``sums`` (the sidecar), when given.
+    """
     written = 0
     nbytes = 0
     for blob in reader.blobs():
@@ -133,6 +141,8 @@ def _write_blobs(reader: BundleReader, blobs_dir: Path) -> tuple[int, int]:
         written += 1
         nbytes += blob.entry.size
     reader.finish()
+    if sums is not None:
+        check_sums(reader.source, sums, reader.raw_sha256 or "", reader.part_sha256)
     return written, nbytes
 
 

@@ -29,7 +29,9 @@ BUNDLE_JSON = "bundle.json"
 OCI_LAYOUT = "oci-layout"
 INDEX_JSON = "index.json"
 BLOBS_PREFIX = "blobs/sha256/"
-MAX_BUNDLE_JSON = 64 * 1024 * 1024
+# Thousands of images and tens of thousands of blobs fit in a few MiB; the bound keeps a
+# hostile bundle.json (a huge list of numbers) from using hundreds of MB while parsed.
+MAX_BUNDLE_JSON = 16 * 1024 * 1024
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
 
@@ -184,10 +186,14 @@ def parse_manifest(raw: bytes, *, source: str) -> BundleManifest:
     """
     if len(raw) > MAX_BUNDLE_JSON:
         raise IntegrityError(f"{source}: bundle.json is {len(raw)} bytes, over the limit")
+    if not raw.lstrip()[:1] == b"{":
+        raise IntegrityError(f"{source}: bundle.json is not a JSON object")
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise IntegrityError(f"{source}: bundle.json is not valid JSON ({e})") from None
+    except RecursionError:
+        raise IntegrityError(f"{source}: bundle.json nests too deeply") from None
     return _Parser(source).manifest(doc)
 
 

@@ -26,6 +26,7 @@ import io
 import json
 import lzma
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +48,13 @@ from pipeline.bundle.seekable import SeekableReader, read_seek_table, stream_dec
 from pipeline.bundle.split import PartsFile, find_parts
 from pipeline.bundle.tarstream import BLOCK, TarReader, first_member_name, member_span
 from pipeline.errors import BmsyncError, IntegrityError, UsageError
+from pipeline.manifest import IMAGE_TYPES, INDEX_TYPES
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 XZ_MAGIC = b"\xfd7zXZ\x00"
 MAX_METADATA = 16 * 1024 * 1024  # oci-layout and index.json together
 CHUNK = 1024 * 1024
+MANIFEST_TYPES = IMAGE_TYPES | INDEX_TYPES
 
 
 class NotABundle(BmsyncError):
@@ -191,9 +194,12 @@ class _Hashing(io.RawIOBase):
 class VerifyingReader(io.RawIOBase):
     """A blob's bytes; at its end, the size and sha256 must match or IntegrityError."""
 
-    def __init__(self, src: IO[bytes], digest: str, size: int, where: str) -> None:
+    def __init__(self, src: IO[bytes], digest: str, size: int, where: str,
+                 *, keep: bool = False) -> None:
         self._src = src
         self._digest = digest
+        # Small members (manifests) can be kept for checks made after the stream passed.
+        self.kept: list[bytes] | None = [] if keep else None
         self._left = size
         self._size = size
         self._hasher = hashlib.sha256()
@@ -215,6 +221,8 @@ class VerifyingReader(io.RawIOBase):
                 f" {self._size - self._left} of {self._size} bytes"
             )
         self._hasher.update(data)
+        if self.kept is not None:
+            self.kept.append(data)
         self._left -= len(data)
         if self._left == 0:
             self._check()
@@ -275,6 +283,8 @@ class BundleReader:
         self._metadata_done = False
         self.blobs_start: int | None = None
         self._seekable: SeekableReader | None = None
+        self._not_seekable = False
+        self._random_lock = threading.Lock()
 
     # -- opening -------------------------------------------------------------------------
 
@@ -284,7 +294,12 @@ class BundleReader:
         except IntegrityError as e:
             if self.source.path is None or self.source.parts:
                 raise self._not_a_bundle(str(e)) from None
-            first = first_member(self.source.path)
+            first, decode_error = first_member(self.source.path)
+            if decode_error is not None:
+                raise IntegrityError(f"{self.source.name}: {decode_error}") from None
+            if first == BUNDLE_JSON:
+                # A bundle whose first header is bad: say what is wrong with it.
+                raise IntegrityError(f"{self.source.name}: {e}") from None
             raise self._not_a_bundle(
                 f"its first member is {first!r}" if first else
                 "it is not a tar archive (nor a .tar.zst or .tar.xz)"
@@ -345,6 +360,7 @@ class BundleReader:
         """
         self._read_metadata()
         assert self.blobs_start is not None
+        manifests: dict[str, bytes] = {}
         for digest, entry in self.manifest.archive_blobs():
             member = self._tar.next(max_size=entry.size)
             expected = blob_member(digest)
@@ -363,16 +379,21 @@ class BundleReader:
                     f" (size {member.size} at {member.offset - self.blobs_start}, declared"
                     f" {entry.size} at {entry.offset})"
                 )
+            is_manifest = entry.media_type in MANIFEST_TYPES
             reader = VerifyingReader(
-                cast(IO[bytes], _TarMemberIO(self._tar)), digest, entry.size, self.source.name
+                cast(IO[bytes], _TarMemberIO(self._tar)), digest, entry.size, self.source.name,
+                keep=is_manifest,
             )
             yield Blob(digest, entry, reader)
             reader.drain()
+            if reader.kept is not None:
+                manifests[digest] = b"".join(reader.kept)
         extra = self._tar.next()
         if extra is not None:
             raise IntegrityError(
                 f"{self.source.name}: member {extra.name!r} is not declared in bundle.json"
             )
+        check_images(self.manifest, manifests, self.source.name)
 
     def finish(self) -> None:
         """After :meth:`blobs`: read what follows the tar (padding, seek table) to the end."""
@@ -403,17 +424,22 @@ class BundleReader:
         return self._random() is not None
 
     def _random(self) -> SeekableReader | None:
-        if self._seekable is not None:
+        # Threads call this at once: set up the seek table and the metadata exactly once.
+        with self._random_lock:
+            if self._seekable is not None or self._not_seekable:
+                return self._seekable
+            self._not_seekable = True
+            if self.compression != "zstd" or self.source.path is None or self.source.parts:
+                return None
+            with open(self.source.path, "rb") as f:
+                frames = read_seek_table(f)
+            if frames is None:
+                return None
+            self._read_metadata()
+            self._seekable = SeekableReader(self.source.path, frames)
+            self._closers.append(self._seekable)
+            self._not_seekable = False
             return self._seekable
-        if self.compression != "zstd" or self.source.path is None or self.source.parts:
-            return None
-        with open(self.source.path, "rb") as f:
-            frames = read_seek_table(f)
-        if frames is None:
-            return None
-        self._seekable = SeekableReader(self.source.path, frames)
-        self._closers.append(self._seekable)
-        return self._seekable
 
     def open_blob(self, digest: str) -> VerifyingReader:
         """A verifying reader of one blob, read directly through the seek table.
@@ -428,7 +454,8 @@ class BundleReader:
         entry = self.manifest.blobs.get(digest)
         if entry is None or not entry.in_archive or entry.offset is None:
             raise IntegrityError(f"{self.source.name}: blob {digest} is not in the archive")
-        start = self._blobs_start_fast()
+        start = self.blobs_start
+        assert start is not None  # read by _random()
         header = random.read_at(start + entry.offset, BLOCK)
         name = header[:100].rstrip(b"\0").decode("ascii", "replace")
         if name != blob_member(digest):
@@ -438,12 +465,6 @@ class BundleReader:
             )
         data = random.open_range(start + entry.offset + BLOCK, entry.size)
         return VerifyingReader(cast(IO[bytes], data), digest, entry.size, self.source.name)
-
-    def _blobs_start_fast(self) -> int:
-        if self.blobs_start is None:
-            self._read_metadata()
-        assert self.blobs_start is not None
-        return self.blobs_start
 
     def close(self) -> None:
         for c in reversed(self._closers):
@@ -543,6 +564,55 @@ def _check_index(raw: bytes, manifest: BundleManifest, name: str) -> None:
         raise IntegrityError(f"{name}: index.json {what}")
 
 
+def check_images(manifest: BundleManifest, manifests: dict[str, bytes], name: str) -> None:
+    """Every image's blob list in bundle.json is exactly what its manifests reference.
+
+    ``manifests`` holds the manifest bytes read from the archive (already verified
+    against their digests). A delta's manifests left to its base cannot be read here:
+    below them, only "nothing extra is listed" can be checked.
+    """
+    from pipeline.manifest import parse_manifest
+
+    for image in manifest.images:
+        referenced: set[str] = set()
+        complete = True
+        todo = [(image.digest, manifest.blobs[image.digest].media_type)]
+        while todo:
+            digest, media_type = todo.pop()
+            if digest in referenced:
+                continue
+            referenced.add(digest)
+            raw = manifests.get(digest)
+            if raw is None:
+                complete = False  # left to the base
+                continue
+            try:
+                m = parse_manifest(raw, media_type, expected_digest=digest)
+            except BmsyncError as e:
+                raise IntegrityError(f"{name}: image {image.source}: {e.message}") from None
+            children = m.children() if m.is_index else m.blobs()
+            todo.extend((c.digest, c.media_type) for c in children)
+        listed = set(image.blobs)
+        unlisted = sorted(referenced - listed)
+        if unlisted:
+            raise IntegrityError(
+                f"{name}: image {image.source} needs blob {unlisted[0]}, which its entry in"
+                " bundle.json does not list"
+            )
+        undeclared = sorted(d for d in referenced if d not in manifest.blobs)
+        if undeclared:
+            raise IntegrityError(
+                f"{name}: image {image.source} needs blob {undeclared[0]}, which bundle.json"
+                " does not declare"
+            )
+        extra = sorted(listed - referenced)
+        if complete and extra:
+            raise IntegrityError(
+                f"{name}: image {image.source} lists blob {extra[0]}, which none of its"
+                " manifests reference"
+            )
+
+
 def open_bundle(path: str | os.PathLike[str], *, hash_raw: bool = False) -> BundleReader:
     """Open an archive file, or a split archive by its name or any part's name.
 
@@ -574,12 +644,17 @@ def open_stream(stream: IO[bytes], name: str = "<stdin>") -> BundleReader:
     return BundleReader(Source(name, None), stream)
 
 
-def first_member(path: str | os.PathLike[str]) -> str | None:
-    """What a (possibly foreign) archive holds first, for "not a bmsync bundle" messages."""
+def first_member(path: str | os.PathLike[str]) -> tuple[str | None, str | None]:
+    """What a (possibly foreign) archive holds first, for "not a bmsync bundle" messages:
+    the first member's name, and the decompressor's complaint when it could not even
+    decompress that far (a damaged or hostile compressed stream)."""
     with open(path, "rb") as f:
         head = _peek(f, 6)
         kind = _kind(head)
         src = _decompressor(kind, cast(IO[bytes], _Prefixed(head, f)), str(path))
-        with contextlib.suppress(BmsyncError, OSError):
-            return first_member_name(cast(BinaryIO, src))
-    return None
+        try:
+            return first_member_name(cast(BinaryIO, src)), None
+        except IntegrityError as e:
+            return None, e.message
+        except (BmsyncError, OSError):
+            return None, None

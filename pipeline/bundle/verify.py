@@ -79,7 +79,7 @@ def verify_bundle(
     reader = open_bundle(path, hash_raw=True)
     with reader:
         source = reader.source
-        sums = _expected_sums(source, require_sidecar)
+        sums = expected_sums(source, require_sidecar)
         count = 0
         nbytes = 0
         try:
@@ -93,7 +93,7 @@ def verify_bundle(
             # archive) changed in transfer, that is the more useful thing to tell.
             if sums is not None:
                 reader.drain_raw()
-                _check_sums(source, sums, reader.raw_sha256 or "", reader.part_sha256,
+                check_sums(source, sums, reader.raw_sha256 or "", reader.part_sha256,
                             cause=str(e))
             raise
         digest = reader.raw_sha256 or ""
@@ -101,7 +101,7 @@ def verify_bundle(
         manifest = reader.manifest
     checked_sidecar = False
     if sums is not None:
-        _check_sums(source, sums, digest, parts_digests)
+        check_sums(source, sums, digest, parts_digests)
         checked_sidecar = True
     notes: list[str] = []
     checked_base = False
@@ -138,8 +138,8 @@ def verify_bundle(
     )
 
 
-def _check_sums(source: Source, sums: dict[str, str], digest: str, parts: list[str],
-                cause: str | None = None) -> None:
+def check_sums(source: Source, sums: dict[str, str], digest: str, parts: list[str],
+               cause: str | None = None) -> None:
     """Compare the archive's (and its parts') sha256 with the sidecar; raise on a mismatch."""
     found = f"; {cause}" if cause else ""
     for part, got in zip(source.parts, parts, strict=False):
@@ -162,7 +162,7 @@ def _check_sums(source: Source, sums: dict[str, str], digest: str, parts: list[s
         )
 
 
-def _expected_sums(source: Source, require: bool) -> dict[str, str] | None:
+def expected_sums(source: Source, require: bool) -> dict[str, str] | None:
     sidecar = source.sidecar
     if sidecar is None or not sidecar.exists():
         if require:
