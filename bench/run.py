@@ -12,9 +12,16 @@ local ``docker-registry`` standing in for gcr.io, and times, in the same run:
   repository: parallel skopeo processes corrupt a shared index.json); the faster skopeo
   variant is the peer. skopeo's blob-info cache is cleared before each
   skopeo run (it changes skopeo's request counts between runs). Both fsync blobs.
+- ``bundle`` (bench/bundle.py): ``bmsync bundle build`` of the release against
+  ``tar -I 'zstd -T0 -3'`` of the same store plus ``sync`` (both fsync their archive),
+  the ``.tar.xz`` form (on a subset of the images when the whole would take over 90 s),
+  peak RSS of build and verify, and ``bundle inspect``'s time and bytes read.
+  Its targets are stated for a bundle of 1 GB or more: run ``--only bundle --scale 2``
+  (about 1.0 GB of tar, 0.93 GiB; ``--scale 2.2`` for a full GiB). The sizes print
+  beside the RSS and inspect figures.
 
 Every benchmark runs the real commands as separate processes and reads request
-counts from the registry's access log. Later benchmarks (bundle, push) register in
+counts from the registry's access log. Later benchmarks (push) register in
 ``BENCHMARKS``.
 """
 
@@ -28,9 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.harness.images import SeededImage, seed_image_set
@@ -50,7 +57,8 @@ class Lab:
     unique_bytes: int
     repeat: int = 3
 
-    def config(self, path: Path) -> Path:
+    def config(self, path: Path, images: Sequence[SeededImage] | None = None) -> Path:
+        """Write an images config for ``images`` (default: every image) and return it."""
         lines = [
             "version: 1",
             'release: "bench"',
@@ -59,7 +67,8 @@ class Lab:
             f"    endpoint: {self.registry.url}",
             "images:",
         ]
-        lines += [f"  - gcr.io/{img.reference}" for img in self.images]
+        lines += [f"  - gcr.io/{img.reference}" for img in (self.images if images is None
+                                                            else images)]
         path.write_text("\n".join(lines) + "\n")
         return path
 
@@ -71,6 +80,7 @@ class Row:
     nbytes: int
     requests: int | None = None
     note: str = ""
+    facts: dict[str, float] = field(default_factory=dict)  # for a benchmark's summary lines
 
     @property
     def mbps(self) -> float:
@@ -171,7 +181,15 @@ def _skopeo_copy(src: str, img: SeededImage, layout: Path) -> None:
     ])
 
 
-BENCHMARKS: dict[str, Callable[[Lab], list[Row]]] = {"pull": bench_pull}
+def bench_bundle(lab: Lab) -> list[Row]:
+    """Bundle build/verify/inspect against tar + zstd; see bench/bundle.py."""
+    # bench.bundle imports this module, so it is imported when used, not at the top.
+    from bench.bundle import bench_bundle as run_bundle
+
+    return run_bundle(lab)
+
+
+BENCHMARKS: dict[str, Callable[[Lab], list[Row]]] = {"pull": bench_pull, "bundle": bench_bundle}
 
 
 def _report(name: str, rows: list[Row]) -> None:
@@ -192,6 +210,11 @@ def _report(name: str, rows: list[Row]) -> None:
         warm = rows[1]
         print(f"warm pull: {warm.seconds:.2f} s, {warm.requests} requests for"
               f" {len(_LAB_IMAGES)} images, {warm.note}")
+    if name == "bundle":
+        from bench.bundle import summary
+
+        for line in summary(rows):
+            print(line)
 
 
 _LAB_IMAGES: list[SeededImage] = []
@@ -239,4 +262,8 @@ def _unique_bytes(registry: RegistryServer) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m bench.run` runs this file as __main__; run the importable bench.run
+    # instead, so bench.bundle (which imports it) shares its classes and state.
+    from bench.run import main as _main
+
+    sys.exit(_main())

@@ -124,6 +124,7 @@ class RegistryError(BmsyncError):
         self.codes = tuple(codes)
         self.method = method
         self.url = url
+        self.retry_after: float | None = None
 
 
 class NotFound(RegistryError):

@@ -37,7 +37,16 @@ from typing import IO, Any, Protocol, cast
 
 from pipeline.bundle.format import BundleManifest, ImageEntry
 from pipeline.bundle.reader import BundleReader, VerifyingReader
-from pipeline.errors import BmsyncError, NotFound, StoreError, TransportError
+from pipeline.errors import (
+    BmsyncError,
+    IntegrityError,
+    NotFound,
+    RegistryError,
+    ServerError,
+    StoreError,
+    TooManyRequests,
+    TransportError,
+)
 from pipeline.progress import Progress
 from pipeline.reference import (
     Mirror,
@@ -217,6 +226,8 @@ class _Pusher:
         self.manifest_bytes: dict[str, bytes] = {}
         # For a delta: where each blob it leaves to its base was found in the mirror.
         self.base_location: dict[str, str] = {}
+        # Streamed archives: members whose bytes failed their check.
+        self.broken: dict[str, BmsyncError] = {}
 
     # Plan ------------------------------------------------------------------------------
 
@@ -347,10 +358,14 @@ class _Pusher:
             try:
                 self.client.upload_blob(repo, digest, size, _chunks(reader, self.progress),
                                         verify=reader.drain)
-            except (TransportError, ResendNeeded) as e:
+            except (TransportError, ResendNeeded, TooManyRequests, ServerError) as e:
+                # Uploads are not idempotent, so the transport does not retry them: a
+                # failed one restarts here with a new upload session.
                 if attempt == UPLOAD_ATTEMPTS:
                     raise
                 delay = self.client.transport.policy.backoff(attempt)
+                if isinstance(e, RegistryError) and e.retry_after is not None:
+                    delay = e.retry_after
                 log.debug("upload of %s to %s failed (%s); new session in %.1fs",
                           digest, repo, e, delay)
                 time.sleep(delay)
@@ -373,6 +388,8 @@ class _Pusher:
     def manifest_raw(self, digest: str, repo: str) -> bytes:
         """A manifest's bytes: from the bundle, or (a delta leaving it to its base, for
         example an image re-tagged unchanged) from the mirror, where the base put it."""
+        if digest in self.broken:
+            raise self.broken[digest]
         raw = self.manifest_bytes.get(digest)
         if raw is None:
             if not self.manifest.blobs[digest].in_archive:
@@ -545,23 +562,42 @@ def _push_streamed(reader: BundleReader, spool: SpoolSource,
             spool.drop(digest)
             in_flight.release()
 
+    broken: dict[str, BmsyncError] = {}  # digests whose bytes in the archive are bad
     with ThreadPoolExecutor(concurrency, thread_name_prefix="push") as pool:
-        for blob in reader.blobs():
-            if blob.digest in manifests_needed:
-                data = blob.reader.read()
-                for p, _ in plans:
-                    p.manifest_bytes[blob.digest] = data
-            elif blob.digest in needed:
-                in_flight.acquire()
+        try:
+            for blob in reader.blobs():
                 try:
-                    spool.add(blob.digest, blob.entry.size, blob.reader)
-                except BaseException:
-                    in_flight.release()
-                    raise
-                fut = pool.submit(run, blob.digest)
-                for p, _ in needed[blob.digest]:
-                    futures[p][blob.digest] = fut
-        reader.finish()
+                    if blob.digest in manifests_needed:
+                        data = blob.reader.read()
+                        for p, _ in plans:
+                            p.manifest_bytes[blob.digest] = data
+                    elif blob.digest in needed:
+                        in_flight.acquire()
+                        try:
+                            spool.add(blob.digest, blob.entry.size, blob.reader)
+                        except BaseException:
+                            in_flight.release()
+                            raise
+                        fut = pool.submit(run, blob.digest)
+                        for p, _ in needed[blob.digest]:
+                            futures[p][blob.digest] = fut
+                except IntegrityError as e:
+                    # This member is bad but was read to its end: the stream goes on, and
+                    # only the images that need it fail.
+                    broken[blob.digest] = e
+            reader.finish()
+        except BmsyncError as e:
+            # The stream itself broke (truncated, tampered layout): what did not arrive
+            # fails with this error; images complete before it still get their tags.
+            for d in set(needed) | manifests_needed:
+                if d not in futures[plans[0][0]] and d not in broken:
+                    broken[d] = e
+        for p, _ in plans:
+            p.broken = broken
+            for d, error in broken.items():
+                failed: Future[None] = Future()
+                failed.set_exception(error)
+                futures[p][d] = failed
         for p, todo in plans:
             # Blobs a delta leaves to its base are in the mirror (checked before): mount
             # them where an image needs them.

@@ -199,7 +199,8 @@ def _print_report(r: Any) -> None:
 
     s = r.to_json()["summary"]
     verb = "would push" if r.dry_run else "pushed"
-    print(f"{r.mirror}: {count(len(r.images), 'image')}: {s['pushed']} {verb},"
+    moved = s["planned"] if r.dry_run else s["pushed"]
+    print(f"{r.mirror}: {count(len(r.images), 'image')}: {moved} {verb},"
           f" {s['present']} already present, {s['retagged']} retagged, {s['failed']} failed")
     if not r.dry_run:
         rate = r.bytes_uploaded / 1e6 / r.seconds if r.seconds else 0

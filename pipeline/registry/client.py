@@ -40,7 +40,7 @@ from pipeline.errors import (
 from pipeline.manifest import ACCEPT, MAX_MANIFEST_SIZE, Manifest, parse_manifest
 from pipeline.registry.auth import Authenticator
 from pipeline.registry.credentials import Credential
-from pipeline.registry.transport import Transport, read_limited, redact_url
+from pipeline.registry.transport import Transport, read_limited, redact_url, retry_after
 from pipeline.store import BlobSink
 
 log = logging.getLogger("bmsync.registry")
@@ -475,10 +475,13 @@ class RegistryClient:
             text = f"{noun}: registry answered {status}{code_txt}"
             if detail:
                 text += f": {detail}"
-        raise cls(
+        error = cls(
             f"{what}: {text} ({method} {url})" if status >= 500 else f"{what}: {text}",
             status=status, codes=codes, method=method, url=url, hint=hint,
         )
+        # What the registry asked to wait, for callers that retry whole operations.
+        error.retry_after = retry_after(resp.headers.get("Retry-After"), self.transport.policy)
+        raise error
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
