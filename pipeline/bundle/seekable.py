@@ -47,7 +47,7 @@ from pipeline.errors import IntegrityError
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-FRAME_SIZE = 8 * 1024 * 1024
+FRAME_SIZE = 4 * 1024 * 1024
 """Default decompressed bytes per frame."""
 
 SEEKABLE_MAGIC = 0x8F92EAB1
@@ -120,7 +120,7 @@ class SeekableWriter:
     same ``level`` and ``frame_size`` give identical output whatever the thread count, the
     timing or how the input was cut into :meth:`write` calls.
 
-    Memory is bounded: at most ``2 * threads`` ended frames wait to be compressed or
+    Memory is bounded: at most ``threads + 1`` ended frames wait to be compressed or
     written; :meth:`write` blocks while that many do.
 
     Call order: :meth:`write` and :meth:`end_frame` any number of times, then
@@ -158,7 +158,7 @@ class SeekableWriter:
         self._local = threading.local()
         # Ended frames, oldest first: (compressed bytes to come, decompressed size, the
         # buffer to recycle once written); None tells the output thread to stop.
-        self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=2 * threads)
+        self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=threads + 1)
         self._spare: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self._buf = bytearray(frame_size)
         self._fill = 0
@@ -214,6 +214,33 @@ class SeekableWriter:
             self._fill += rest
         self.bytes_in += n
         return n
+
+    def write_from(self, src: IO[bytes], n: int) -> int:
+        """Read ``n`` bytes from ``src`` straight into the frame buffers (``readinto``):
+        no intermediate copy and no allocation per chunk. Returns the bytes read, fewer
+        than ``n`` only when ``src`` ended early."""
+        self._check_open()
+        readinto = getattr(src, "readinto", None)
+        left = n
+        while left:
+            if readinto is None:
+                chunk = src.read(min(left, self._frame_size))
+                if not chunk:
+                    break
+                self.write(chunk)
+                left -= len(chunk)
+                continue
+            space = self._frame_size - self._fill
+            view = memoryview(self._buf)[self._fill : self._fill + min(space, left)]
+            got = readinto(view)
+            if not got:
+                break
+            self._fill += got
+            self.bytes_in += got
+            left -= got
+            if self._fill == self._frame_size:
+                self._submit_buffer()
+        return n - left
 
     def end_frame(self) -> None:
         """End the current frame now, so the next byte written starts a new frame.

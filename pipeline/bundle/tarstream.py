@@ -552,7 +552,14 @@ class TarWriter:
         content changed after its size was recorded).
         """
         member = self._start(name, size)
-        left = size
+        write_from = getattr(self._dst, "write_from", None)
+        if write_from is not None:
+            # The destination reads into its own buffers (a zstd frame writer).
+            got = write_from(src, size)
+            self._position += got
+            left = size - got
+        else:
+            left = size
         while left:
             data = src.read(min(chunk_size, left))
             if not data:

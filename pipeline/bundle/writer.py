@@ -389,12 +389,20 @@ class _Progressing:
     def __init__(self, comp: Any, on_bytes: Callable[[int], None] | None) -> None:
         self._comp = comp
         self._on_bytes = on_bytes
+        if hasattr(comp, "write_from"):
+            self.write_from = self._write_from
 
     def write(self, data: bytes | memoryview) -> int:
         self._comp.write(data)
         if self._on_bytes:
             self._on_bytes(len(data))
         return len(data)
+
+    def _write_from(self, src: BinaryIO, n: int) -> int:
+        got: int = self._comp.write_from(src, n)
+        if self._on_bytes:
+            self._on_bytes(got)
+        return got
 
 
 class _SingleFile:
