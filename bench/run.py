@@ -189,7 +189,15 @@ def bench_bundle(lab: Lab) -> list[Row]:
     return run_bundle(lab)
 
 
-BENCHMARKS: dict[str, Callable[[Lab], list[Row]]] = {"pull": bench_pull, "bundle": bench_bundle}
+def bench_push(lab: Lab) -> list[Row]:
+    from bench.push import bench_push as run
+
+    return run(lab)
+
+
+BENCHMARKS: dict[str, Callable[[Lab], list[Row]]] = {
+    "pull": bench_pull, "bundle": bench_bundle, "push": bench_push,
+}
 
 
 def _report(name: str, rows: list[Row]) -> None:
@@ -214,6 +222,11 @@ def _report(name: str, rows: list[Row]) -> None:
         from bench.bundle import summary
 
         for line in summary(rows):
+            print(line)
+    if name == "push":
+        from bench.push import summary as push_summary
+
+        for line in push_summary(rows, len(_LAB_IMAGES)):
             print(line)
 
 

@@ -61,6 +61,7 @@ log = logging.getLogger("bmsync.push")
 
 CHUNK = 1024 * 1024
 UPLOAD_ATTEMPTS = 4
+SMALL_BLOB = 1024 * 1024  # uploaded in one request (the commit carries the body)
 
 
 # -- where blob bytes come from -------------------------------------------------------------
@@ -356,8 +357,13 @@ class _Pusher:
         for attempt in range(1, UPLOAD_ATTEMPTS + 1):
             reader = self.source.open(digest)
             try:
-                self.client.upload_blob(repo, digest, size, _chunks(reader, self.progress),
-                                        verify=reader.drain)
+                body: Iterator[bytes] | bytes
+                if size <= SMALL_BLOB:
+                    # Read whole: the reader checks the digest as the last byte arrives.
+                    body = b"".join(_chunks(reader, self.progress))
+                else:
+                    body = _chunks(reader, self.progress)
+                self.client.upload_blob(repo, digest, size, body, verify=reader.drain)
             except (TransportError, ResendNeeded, TooManyRequests, ServerError) as e:
                 # Uploads are not idempotent, so the transport does not retry them: a
                 # failed one restarts here with a new upload session.
@@ -397,8 +403,7 @@ class _Pusher:
             else:
                 assert self.source is not None
                 with self.source.open(digest) as r:
-                    raw = r.read()
-                    r.drain()
+                    raw = _read_all(r)
             self.manifest_bytes[digest] = raw
         return raw
 
@@ -417,6 +422,11 @@ class _Pusher:
         self.client.put_manifest(repo, img.ref.identifier, self.manifest_raw(own, repo),
                                  img.entry.media_type, expected_digest=own)
         img.report.status = "retagged" if img.report.old_digest else "pushed"
+
+
+def _read_all(reader: VerifyingReader) -> bytes:
+    """Every byte of a (verifying) reader: reads may come back short."""
+    return b"".join(iter(lambda: reader.read(CHUNK), b""))
 
 
 def _chunks(reader: VerifyingReader, progress: Progress) -> Iterator[bytes]:
@@ -568,7 +578,7 @@ def _push_streamed(reader: BundleReader, spool: SpoolSource,
             for blob in reader.blobs():
                 try:
                     if blob.digest in manifests_needed:
-                        data = blob.reader.read()
+                        data = _read_all(blob.reader)
                         for p, _ in plans:
                             p.manifest_bytes[blob.digest] = data
                     elif blob.digest in needed:

@@ -262,8 +262,11 @@ class RegistryClient:
         return False  # not reached
 
     def upload_blob(self, repository: str, digest: str, size: int,
-                    chunks: Iterable[bytes], *, verify: Callable[[], None]) -> None:
+                    chunks: Iterable[bytes] | bytes, *, verify: Callable[[], None]) -> None:
         """Upload one blob: its bytes streamed by ``chunks`` in one PATCH, committed last.
+
+        ``chunks`` given as ``bytes`` (a small blob read whole) goes in the commit itself
+        (``PUT ?digest=`` with the body): one request fewer.
 
         ``verify`` is called after the last chunk went out and before the commit
         (``PUT ?digest=``): it raises when the bytes read locally do not match the
@@ -281,6 +284,20 @@ class RegistryClient:
         location = urljoin(self.base_url + "/", resp.headers["Location"])
         committed = False
         try:
+            if isinstance(chunks, bytes):
+                # Small blob, already read and checked: one monolithic PUT carries it.
+                verify()
+                sep = "&" if urlsplit(location).query else "?"
+                resp = self._send(
+                    "PUT", "", repository, url=f"{location}{sep}digest={digest}", scopes=scopes,
+                    headers={"Content-Type": "application/octet-stream"}, data=chunks,
+                    idempotent=False,
+                )
+                resp.close()
+                if resp.status_code not in (201, 204):
+                    self._raise_for(resp, where, f"upload of blob {digest}")
+                committed = True
+                return
             if size:
                 resp = self._send(
                     "PATCH", "", repository, url=location, scopes=scopes, idempotent=False,
