@@ -61,7 +61,7 @@ log = logging.getLogger("bmsync.push")
 
 CHUNK = 1024 * 1024
 UPLOAD_ATTEMPTS = 4
-SMALL_BLOB = 1024 * 1024  # uploaded in one request (the commit carries the body)
+SMALL_BLOB = 64 * 1024  # uploaded in one request (the commit carries the body)
 
 
 # -- where blob bytes come from -------------------------------------------------------------
