@@ -836,3 +836,55 @@ def test_inventory_then_delta_against_it(registry: RegistryServer, bundles: Bund
                                                             nxt.config_digest])
     assert_mirror_holds(registry.host, {**release.images, RBAC_NEXT: nxt})
 
+
+
+def test_prompts_for_credentials_on_a_terminal(basic_registry: RegistryServer, bundles: Bundles,
+                                               release: Release, env: dict[str, str]) -> None:
+    """On a terminal, a username prompt and a hidden password prompt (no echo)."""
+    import pty
+    import select
+
+    user, password = basic_registry.auth or ("", "")
+    full_env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    full_env.update(env)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: bmsync on the terminal
+        os.chdir(ROOT)
+        os.execve(sys.executable, [sys.executable, "-m", "pipeline.cli", "push", "images",
+                                   f"--source={bundles.get('zstd')}",
+                                   f"--private-registry={mirror_of(basic_registry.host)}"],
+                  full_env)
+    screen = b""
+
+    def read_until(marker: bytes, deadline: float = 30) -> None:
+        nonlocal screen
+        end = time.monotonic() + deadline
+        while marker not in screen:
+            assert time.monotonic() < end, screen.decode(errors="replace")
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    screen += os.read(fd, 4096)
+                except OSError:
+                    break
+
+    read_until(b"Username for")
+    os.write(fd, user.encode() + b"\n")
+    read_until(b"Password for")
+    typed_at = len(screen)
+    os.write(fd, password.encode() + b"\n")
+    read_until(b"image")
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, screen.decode(errors="replace")
+    assert password.encode() not in screen[typed_at:], "the password was echoed"
+    assert password.encode() not in screen
+    assert_mirror_holds(basic_registry.host, release.images, creds=(user, password))
