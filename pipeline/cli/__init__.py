@@ -82,10 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    from pipeline.cli import bundle, pull, push
+    from pipeline.cli import bundle, pull, push, transfer
 
     pull.add_parser(sub)
     bundle.add_parser(sub)
+    transfer.add_parsers(sub)
     push.add_parsers(sub)
     return parser
 
