@@ -19,7 +19,9 @@ tree to an exit code and a one-line message that says what to do::
     │   └── ServerError                 5xx after the retry budget
     ├── ProtocolError                5  a response that breaks the protocol (size, headers)
     ├── IntegrityError               6  bytes that do not match their digest or size
-    └── StoreError                   7  the on-disk store cannot be used
+    ├── StoreError                   7  the on-disk store cannot be used
+    ├── NotYetArrived                8  a listed version whose objects are not all there yet
+    └── Conflict                     5  a conditional write lost (the object changed)
 
 No message ever holds a secret: registry errors carry the method and the URL with
 its query string stripped, never headers or bodies of requests.
@@ -171,3 +173,19 @@ class IntegrityError(BmsyncError):
 
 class StoreError(BmsyncError):
     exit_code = 7
+
+
+class NotYetArrived(BmsyncError):
+    """The catalog names a version whose objects are not all there yet: try again later.
+
+    Transfer systems (data diodes, removable media) deliver objects in any order; a
+    timer that sees this exit code simply runs again later.
+    """
+
+    exit_code = 8
+
+
+class Conflict(BmsyncError):
+    """A conditional write lost: the object changed (or appeared) since it was read."""
+
+    exit_code = 5

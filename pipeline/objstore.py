@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 from pipeline.errors import (
     BmsyncError,
+    Conflict,
     CredentialError,
     IntegrityError,
     NotFound,
@@ -50,12 +51,6 @@ CHUNK = 1024 * 1024
 PART_SIZE = 16 * 1024 * 1024
 PART_CONCURRENCY = 8
 MAX_SMALL_OBJECT = 64 * 1024 * 1024
-
-
-class Conflict(BmsyncError):
-    """A conditional write lost: the object changed (or appeared) since it was read."""
-
-    exit_code = 5
 
 
 @dataclass(frozen=True)

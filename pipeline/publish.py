@@ -37,18 +37,12 @@ from pipeline.bundle.format import BundleManifest, parse_manifest, sidecar_manif
 from pipeline.bundle.reader import open_bundle
 from pipeline.bundle.split import find_parts
 from pipeline.bundle.verify import read_sidecar
-from pipeline.errors import BmsyncError, IntegrityError, NotFound, UsageError
-from pipeline.objstore import Conflict, ObjectInfo, ObjectStore
+from pipeline.errors import Conflict, IntegrityError, NotFound, NotYetArrived, UsageError
+from pipeline.objstore import ObjectInfo, ObjectStore
 
 CATALOG = "catalog.json"
 CATALOG_SCHEMA = 1
 CATALOG_ATTEMPTS = 8
-
-
-class NotYetArrived(BmsyncError):
-    """The catalog names a version whose objects are not all there yet: try again later."""
-
-    exit_code = 8
 
 
 @dataclass
