@@ -39,6 +39,8 @@ test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
 bench: install
+	@command -v rclone >/dev/null || { $(SUDO) apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y rclone; }
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 lint: install
