@@ -4,10 +4,11 @@
    images (the same generator the tests and benchmarks use);
 2. writes ``demo-work/images.yaml`` pointing gcr.io at that registry;
 3. runs ``bmsync pull`` twice (cold, then warm) into ``demo-work/store``;
-4. cuts the release's archive with ``bmsync bundle build``, inspects and verifies it;
-5. pushes it into a second local registry standing in for the site's mirror (namespace
+4. cuts the release's archive with ``bmsync bundle build`` and inspects it;
+5. publishes it to a ``file://`` object store, then, as the site, fetches and verifies it;
+6. pushes it into a second local registry standing in for the site's mirror (namespace
    ``test-namespace``), twice: the second push moves nothing;
-6. reads the mirror and the extracted layout back with skopeo, the independent reader.
+7. reads the mirror and the extracted layout back with skopeo, the independent reader.
 
 Every command is printed before it runs, so the output doubles as a walkthrough.
 The registries are stopped at the end, whatever happens.
@@ -96,6 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         archive = out / "bmpackages_demo.tar.zst"
         print("\n== what is in it, read from bundle.json alone")
         _run([bmsync, "bundle", "inspect", str(archive)])
+        objects = f"file://{work / 'objects'}"
+        print("\n== publish it to object storage (file://: no server needed)")
+        _run([bmsync, "publish", str(archive), "--to", objects])
+        _run([bmsync, "catalog", "--from", objects])
+
+        print("\n== the disconnected site: fetch the latest version, verified")
+        site = work / "site"
+        _run([bmsync, "fetch", "--from", objects, "--release", "latest", "--to", str(site)])
+        archive = site / "bmpackages_demo.tar.zst"
         print("\n== check every byte against the sidecar and bundle.json")
         _run([bmsync, "bundle", "verify", str(archive)])
         print("\n== unpack it into a standard OCI layout")
@@ -133,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         registry.close()
         mirror.close()
     print(f"\ndemo done: in {work.relative_to(ROOT)}/: images.yaml, store/, out/ (the archive"
-          " and its sidecars), layout/; the registries have been stopped.")
+          " and its sidecars), objects/ (the object store), site/ (what the site fetched),"
+          " layout/; the registries have been stopped.")
     return 0
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import positive_int, verbosity
+from pipeline.cli import count, positive_int, verbosity
 
 
 def _store_arguments(parser: argparse.ArgumentParser, flag: str, help_text: str) -> None:
@@ -132,7 +132,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     if not catalog.versions:
         print(f"{store.url}: no published version")
         return 0
-    print(f"{store.url}: {len(catalog.versions)} versions, latest {catalog.latest}")
+    print(f"{store.url}: {count(len(catalog.versions), 'version')}, latest {catalog.latest}")
     for v in sorted(catalog.versions, key=lambda v: catalog.versions[v].get("created", "")):
         e = catalog.versions[v]
         base = e.get("base") or {}
@@ -151,5 +151,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     store = open_store(args.url, endpoint_url=args.endpoint_url)
     gone = prune(store, args.keep, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{store.url}: {verb} {len(gone)} versions" + (f": {', '.join(gone)}" if gone else ""))
+    print(f"{store.url}: {verb} {count(len(gone), 'version')}"
+          + (f": {', '.join(gone)}" if gone else ""))
     return 0
