@@ -126,6 +126,17 @@ def _md5_file(path: Path, offset: int, length: int) -> Any:
     return h
 
 
+def _append(src: Any, dest: Path, on_bytes: Callable[[int], None] | None) -> None:
+    """Append everything ``src`` reads to ``dest``, then fsync (a resumable partial)."""
+    with open(dest, "ab") as out:
+        while chunk := src.read(CHUNK * 4):
+            out.write(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
+        out.flush()
+        os.fsync(out.fileno())
+
+
 # -- file:// --------------------------------------------------------------------------------
 
 
@@ -218,14 +229,9 @@ class FileStore:
         if now.etag != info.etag:
             raise Conflict(f"{self.url}/{key} changed during the download")
         offset = dest.stat().st_size if dest.exists() else 0
-        with open(self._path(key), "rb") as src, open(dest, "ab") as out:
+        with open(self._path(key), "rb") as src:
             src.seek(offset)
-            while chunk := src.read(CHUNK * 8):
-                out.write(chunk)
-                if on_bytes:
-                    on_bytes(len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
+            _append(src, dest, on_bytes)
 
     def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         base = self.root / prefix if prefix else self.root
@@ -486,14 +492,7 @@ class S3Store:
         if offset:
             args["Range"] = f"bytes={offset}-"
         resp = self._call(key, "read", lambda: self.client.get_object(**args))
-        body = resp["Body"]
-        with open(dest, "ab") as out:
-            while chunk := body.read(CHUNK * 4):
-                out.write(chunk)
-                if on_bytes:
-                    on_bytes(len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
+        _append(resp["Body"], dest, on_bytes)
 
     def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
