@@ -492,7 +492,18 @@ class S3Store:
         if offset:
             args["Range"] = f"bytes={offset}-"
         resp = self._call(key, "read", lambda: self.client.get_object(**args))
-        _append(resp["Body"], dest, on_bytes)
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
+
+        try:
+            _append(resp["Body"], dest, on_bytes)
+        except (BotoCoreError, HTTPError, OSError) as e:
+            kept = dest.stat().st_size if dest.exists() else 0
+            raise TransportError(
+                f"{self.url}/{key}: connection lost during the download"
+                f" ({type(e).__name__}); {kept} bytes kept",
+                hint="run the same command again: it resumes",
+            ) from None
 
     def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
