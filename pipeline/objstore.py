@@ -26,7 +26,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -202,8 +201,9 @@ class FileStore:
                     on_bytes: Callable[[int], None] | None = None) -> ObjectInfo:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
-                                   dir=target.parent)
+        # A fixed name: a publish killed mid-copy leaves a partial the next one replaces.
+        tmp = target.parent / f".{target.name}.partial"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             with open(path, "rb") as src, os.fdopen(fd, "wb") as out:
                 while chunk := src.read(CHUNK * 8):
@@ -246,8 +246,13 @@ class FileStore:
         return out
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         with contextlib.suppress(FileNotFoundError):
-            self._path(key).unlink()
+            path.unlink()
+        # Folders are not objects: one emptied by the delete goes too (not the root).
+        with contextlib.suppress(OSError):
+            if path.parent != self.root:
+                path.parent.rmdir()
 
     def pending_uploads(self, prefix: str = "") -> list[str]:
         return []

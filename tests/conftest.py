@@ -1,4 +1,4 @@
-"""Shared fixtures: real registries, a token issuer, a test CA, images, a fault proxy.
+"""Shared fixtures: real registries, a token issuer, a test CA, images, a fault proxy, S3.
 
 Every server a fixture starts is stopped at teardown, whether the test passed or not.
 A server that cannot start raises ``ServerStartError`` (with its log tail): the test
@@ -20,6 +20,7 @@ from tests.harness.forwardproxy import ForwardProxy
 from tests.harness.images import ImageFactory
 from tests.harness.pki import TestPKI, create_pki
 from tests.harness.registry import RegistryServer, start_registry
+from tests.harness.s3 import S3Server
 
 USERS: Mapping[str, str] = {"alice": "wonderland-pass"}
 
@@ -155,3 +156,19 @@ def forward_proxy() -> Iterator[Callable[..., ForwardProxy]]:
             return proxy.start()
 
         yield make
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One SeaweedFS S3 server for the whole session, stopped at its end.
+
+    Session-scoped because ``weed mini`` takes about 1.7 s to start: tests share it, so
+    each one writes under its own key prefix or creates its own bucket with
+    ``s3_server.new_bucket()``. ``.bucket`` exists; ``.client()`` is signed with the
+    server's keys (SigV4 is enforced); ``.env()`` configures a CLI subprocess.
+    """
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()

@@ -11,6 +11,7 @@ it is the independent witness that pushes, reads and counts with its own code.
 - ``faultproxy``: ``FaultProxy`` and its actions
 - ``forwardproxy``: ``ForwardProxy`` (HTTP forward proxy with CONNECT), ``ProxyRecord``
 - ``skopeo``: ``inspect_raw`` and friends
+- ``s3``: ``S3Server`` (SeaweedFS ``weed mini`` with SigV4), ``start_s3``
 """
 
 from tests.harness.errors import HarnessError, PushError, ServerStartError, ToolError
@@ -46,6 +47,7 @@ from tests.harness.images import (
 from tests.harness.net import free_port, wait_for_port
 from tests.harness.pki import CertPair, TestPKI, create_pki
 from tests.harness.registry import AccessEntry, RegistryServer, start_registry
+from tests.harness.s3 import S3Server, start_s3
 from tests.harness.skopeo import inspect_raw, manifest_digest, run_skopeo
 from tests.harness.tokens import Access, TokenIssuer, TokenRequest
 
@@ -74,6 +76,7 @@ __all__ = [
     "Reset",
     "Respond",
     "Rule",
+    "S3Server",
     "SeededImage",
     "ServerStartError",
     "TestPKI",
@@ -93,5 +96,6 @@ __all__ = [
     "seed_image_set",
     "sha256_digest",
     "start_registry",
+    "start_s3",
     "wait_for_port",
 ]
