@@ -82,12 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    from pipeline.cli import bundle, pull, push, transfer
+    from pipeline.cli import bundle, containerd, pull, push, transfer, verify
 
     pull.add_parser(sub)
     bundle.add_parser(sub)
     transfer.add_parsers(sub)
     push.add_parsers(sub)
+    verify.add_parsers(sub)
+    containerd.add_parsers(sub)
     return parser
 
 

@@ -30,8 +30,8 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _connection_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--private-registry", action="append", required=True,
+def connection_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("--private-registry", action="append", required=required,
                         metavar="HOST:PORT[/NAMESPACE]", dest="mirrors",
                         help="the mirror (repeatable; https unless written http://; the"
                              " https://HOST:PORT/v2/NS form is accepted)")
@@ -75,7 +75,7 @@ def add_parsers(sub: Any) -> None:
     images.add_argument("--source", required=True, metavar="PATH",
                         help="a bmpackages archive (or any part of a split one), or a layout"
                              " made by `bmsync bundle extract`")
-    _connection_arguments(images)
+    connection_arguments(images)
     images.add_argument("--dry-run", action="store_true",
                         help="check the mirror and print what would be pushed")
     images.add_argument("--no-overwrite", action="store_true",
@@ -93,7 +93,7 @@ def add_parsers(sub: Any) -> None:
         ),
     )
     verbosity(inv, argparse.SUPPRESS)
-    _connection_arguments(inv)
+    connection_arguments(inv)
     inv.add_argument("--out", required=True, metavar="FILE", help="inventory JSON to write")
     inv.add_argument("--source", metavar="ARCHIVE",
                      help="only the repositories of this bundle (default: every repository"
@@ -135,7 +135,7 @@ def _credential(args: argparse.Namespace, mirror: Mirror) -> Credential | None:
     )
 
 
-def _clients(args: argparse.Namespace) -> list[tuple[Mirror, RegistryClient]]:
+def mirror_clients(args: argparse.Namespace) -> list[tuple[Mirror, RegistryClient]]:
     from pipeline.reference import parse_mirror
     from pipeline.registry.client import RegistryClient
     from pipeline.registry.transport import Transport
@@ -161,7 +161,7 @@ def cmd_push_images(args: argparse.Namespace) -> int:
     from pipeline.store import atomic_write
 
     source = Path(args.source)
-    targets = _clients(args)
+    targets = mirror_clients(args)
     progress = Progress("push", enabled=not args.json)
     if source.is_dir():
         manifest_file = source / BUNDLE_JSON
@@ -223,7 +223,7 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
     if len(args.mirrors) != 1:
         raise UsageError("inventory takes one --private-registry")
-    [(mirror, client)] = _clients(args)
+    [(mirror, client)] = mirror_clients(args)
     if args.source:
         with open_bundle(args.source) as reader:
             repos = [mirror_reference(parse_reference(i.source), mirror).repository
