@@ -7,7 +7,8 @@
 4. cuts the release's archive with ``bmsync bundle build`` and inspects it;
 5. publishes it to a ``file://`` object store, then, as the site, fetches and verifies it;
 6. pushes it into a second local registry standing in for the site's mirror (namespace
-   ``test-namespace``), twice: the second push moves nothing;
+   ``test-namespace``), twice: the second push moves nothing; verifies the mirror and
+   writes the nodes' containerd, CRI-O and cluster configuration for it;
 7. reads the mirror and the extracted layout back with skopeo, the independent reader.
 
 Every command is printed before it runs, so the output doubles as a walkthrough.
@@ -119,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\n== push again: one request per image, nothing moves")
         _run([bmsync, "push", "images", f"--source={archive}", target,
               "--need-credential=false"])
+
+        print("\n== check that the mirror holds exactly the bundle")
+        _run([bmsync, "verify", f"--source={archive}", target, "--need-credential=false"])
+        print("\n== the nodes' configuration: containerd hosts.toml, config.toml, CRI-O, cluster")
+        _run([bmsync, "containerd", "config", target, "--out", str(work / "node-config")])
 
         oci = next((i for i in seeded if "oci" in i.media_type), seeded[0])
         ref = f"gcr.io/{oci.reference}"
