@@ -21,7 +21,7 @@ local ``docker-registry`` standing in for gcr.io, and times, in the same run:
   beside the RSS and inspect figures.
 
 Every benchmark runs the real commands as separate processes and reads request
-counts from the registry's access log. Later benchmarks (push) register in
+counts from the registry's access log. Later benchmarks (push, transfer) register in
 ``BENCHMARKS``.
 """
 
@@ -195,8 +195,15 @@ def bench_push(lab: Lab) -> list[Row]:
     return run(lab)
 
 
+def bench_transfer(lab: Lab) -> list[Row]:
+    from bench.transfer import bench_transfer as run
+
+    return run(lab)
+
+
 BENCHMARKS: dict[str, Callable[[Lab], list[Row]]] = {
     "pull": bench_pull, "bundle": bench_bundle, "push": bench_push,
+    "transfer": bench_transfer,
 }
 
 
@@ -227,6 +234,11 @@ def _report(name: str, rows: list[Row]) -> None:
         from bench.push import summary as push_summary
 
         for line in push_summary(rows, len(_LAB_IMAGES)):
+            print(line)
+    if name == "transfer":
+        from bench.transfer import summary as transfer_summary
+
+        for line in transfer_summary(rows):
             print(line)
 
 
