@@ -75,9 +75,11 @@ class ObjectStore(Protocol):
                     on_bytes: Callable[[int], None] | None = None) -> ObjectInfo: ...
 
     def download(self, key: str, dest: Path, *, info: ObjectInfo,
-                 on_bytes: Callable[[int], None] | None = None) -> None:
+                 on_bytes: Callable[[int], None] | None = None,
+                 on_data: Callable[[bytes], None] | None = None) -> None:
         """Append the object to ``dest`` from its current size on (resume), pinned to
-        ``info.etag``; raises Conflict when the object changed meanwhile."""
+        ``info.etag``; raises Conflict when the object changed meanwhile. ``on_data``
+        sees every new chunk (to hash while downloading)."""
 
     def list_objects(self, prefix: str = "") -> list[ObjectInfo]: ...
 
@@ -125,11 +127,14 @@ def _md5_file(path: Path, offset: int, length: int) -> Any:
     return h
 
 
-def _append(src: Any, dest: Path, on_bytes: Callable[[int], None] | None) -> None:
+def _append(src: Any, dest: Path, on_bytes: Callable[[int], None] | None,
+            on_data: Callable[[bytes], None] | None = None) -> None:
     """Append everything ``src`` reads to ``dest``, then fsync (a resumable partial)."""
     with open(dest, "ab") as out:
-        while chunk := src.read(CHUNK * 4):
+        while chunk := src.read(CHUNK * 8):
             out.write(chunk)
+            if on_data:
+                on_data(chunk)
             if on_bytes:
                 on_bytes(len(chunk))
         out.flush()
@@ -222,7 +227,8 @@ class FileStore:
         return info
 
     def download(self, key: str, dest: Path, *, info: ObjectInfo,
-                 on_bytes: Callable[[int], None] | None = None) -> None:
+                 on_bytes: Callable[[int], None] | None = None,
+                 on_data: Callable[[bytes], None] | None = None) -> None:
         now = self.head(key)
         if now is None:
             raise NotFound(f"{self.url}/{key} is gone")
@@ -231,7 +237,7 @@ class FileStore:
         offset = dest.stat().st_size if dest.exists() else 0
         with open(self._path(key), "rb") as src:
             src.seek(offset)
-            _append(src, dest, on_bytes)
+            _append(src, dest, on_bytes, on_data)
 
     def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         base = self.root / prefix if prefix else self.root
@@ -487,7 +493,8 @@ class S3Store:
                                                UploadId=upload_id)
 
     def download(self, key: str, dest: Path, *, info: ObjectInfo,
-                 on_bytes: Callable[[int], None] | None = None) -> None:
+                 on_bytes: Callable[[int], None] | None = None,
+                 on_data: Callable[[bytes], None] | None = None) -> None:
         offset = dest.stat().st_size if dest.exists() else 0
         if offset >= info.size:
             return
@@ -501,7 +508,7 @@ class S3Store:
         from urllib3.exceptions import HTTPError
 
         try:
-            _append(resp["Body"], dest, on_bytes)
+            _append(resp["Body"], dest, on_bytes, on_data)
         except (BotoCoreError, HTTPError, OSError) as e:
             kept = dest.stat().st_size if dest.exists() else 0
             raise TransportError(

@@ -276,14 +276,19 @@ def fetch(store: ObjectStore, release: str, to: Path, *,
         before = partial.stat().st_size if partial.exists() else 0
         if on_bytes and before:
             on_bytes(before)
+        # Hashed while it arrives (after the bytes a previous run left), not re-read.
+        hasher = _hash_prefix(partial) if before else hashlib.sha256()
         try:
-            store.download(f"{v}/{f}", partial, info=info, on_bytes=on_bytes)
+            store.download(f"{v}/{f}", partial, info=info, on_bytes=on_bytes,
+                           on_data=hasher.update)
         except Conflict:
             partial.unlink(missing_ok=True)  # replaced on the server: start over
             info = store.head(f"{v}/{f}") or info
-            store.download(f"{v}/{f}", partial, info=info, on_bytes=on_bytes)
+            hasher = hashlib.sha256()
+            store.download(f"{v}/{f}", partial, info=info, on_bytes=on_bytes,
+                           on_data=hasher.update)
         report.bytes += info.size - before
-        actual = _sha256(partial)
+        actual = hasher.hexdigest()
         if actual != want:
             partial.unlink(missing_ok=True)
             raise IntegrityError(
@@ -317,6 +322,11 @@ def _parse_sums(raw: bytes, where: str) -> dict[str, str]:
         elif line.strip():
             raise IntegrityError(f"{where}: not a sha256sum file")
     return sums
+
+
+def _hash_prefix(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256")
 
 
 def _sha256(path: Path) -> str:
