@@ -37,14 +37,11 @@ from pipeline.progress import Progress, human_bytes
 from pipeline.reference import Reference
 from pipeline.registry.client import RegistryClient
 from pipeline.registry.connect import ClientPool
-from pipeline.store import BlobSink, Store
+from pipeline.store import PLATFORMS, UPSTREAM_DIGEST, BlobSink, Store
 from pipeline.tagfilter import select_tags
 
 log = logging.getLogger("bmsync.pull")
 
-# Annotations bmsync adds to its index.json entries (reverse-DNS, as the OCI spec asks).
-UPSTREAM_DIGEST = "dev.bmsync.upstream-digest"
-PLATFORMS = "dev.bmsync.platforms"
 BLOB_ATTEMPTS = 5
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from pipeline.errors import IntegrityError, StoreError
+from pipeline.manifest import OCI_INDEX
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -49,8 +50,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("bmsync.store")
 
 LAYOUT_VERSION = "1.0.0"
-INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
+INDEX_MEDIA_TYPE = OCI_INDEX
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
+# bmsync's own annotations on index.json entries (reverse-DNS, as the OCI spec asks): the
+# manifest digest upstream (differs after a platform filter) and the platforms kept.
+UPSTREAM_DIGEST = "dev.bmsync.upstream-digest"
+PLATFORMS = "dev.bmsync.platforms"
 
 # Algorithms the store accepts and the length of their hex encoding (OCI image spec,
 # "Digests": registered algorithms sha256 and sha512, lowercase hex).

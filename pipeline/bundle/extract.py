@@ -29,10 +29,10 @@ from pipeline.bundle.format import BUNDLE_JSON, OCI_LAYOUT, REF_NAME
 from pipeline.bundle.reader import BundleReader, open_bundle
 from pipeline.bundle.verify import check_sums, expected_sums
 from pipeline.errors import IntegrityError, StoreError, UsageError
+from pipeline.manifest import OCI_INDEX
 from pipeline.store import atomic_write
 
 CHUNK = 1024 * 1024
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from pipeline.errors import IntegrityError
+from pipeline.store import REF_NAME_ANNOTATION
 
 SCHEMA_VERSION = 1
 MEDIA_TYPE = "application/vnd.bmsync.bundle.v1+json"
@@ -32,7 +33,7 @@ BLOBS_PREFIX = "blobs/sha256/"
 # Thousands of images and tens of thousands of blobs fit in a few MiB; the bound keeps a
 # hostile bundle.json (a huge list of numbers) from using hundreds of MB while parsed.
 MAX_BUNDLE_JSON = 16 * 1024 * 1024
-REF_NAME = "org.opencontainers.image.ref.name"
+REF_NAME = REF_NAME_ANNOTATION
 CONTAINERD_NAME = "io.containerd.image.name"
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")

@@ -49,14 +49,12 @@ from pipeline.bundle.seekable import SeekableWriter
 from pipeline.bundle.split import SplitWriter
 from pipeline.bundle.tarstream import END_OF_ARCHIVE, TarWriter, member_span
 from pipeline.errors import IntegrityError, StoreError, UsageError
-from pipeline.manifest import Manifest, parse_manifest
+from pipeline.manifest import OCI_INDEX, Manifest, parse_manifest
 from pipeline.reference import parse_reference
-from pipeline.store import Store, atomic_write
+from pipeline.store import UPSTREAM_DIGEST, Store, atomic_write
 
 CHUNK = 8 * 1024 * 1024
 XZ_PRESET = 1  # layers are already compressed: higher presets cost minutes and gain nothing
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-UPSTREAM_DIGEST = "dev.bmsync.upstream-digest"
 
 # Member classes, in archive order.
 _LAYER, _IMAGE, _INDEX = 0, 1, 2
