@@ -489,27 +489,25 @@ def push_bundle(
         for mirror, client in targets
     ]
     try:
-        plans: list[tuple[_Pusher, list[_Image]]] = []
+        plans: list[_Plan] = []
         for p in pushers:
             images = p.plan()
             todo = p.check_tags(images)
             p.check_base(todo)
-            plans.append((p, todo))
-        if dry_run or not any(todo for _, todo in plans):
-            for p, _ in plans:
-                p.report.dry_run = dry_run
-                p.report.seconds = time.monotonic() - started
+            plans.append(_Plan(p, todo, p.blob_tasks(todo)))
+        if dry_run or not any(plan.todo for plan in plans):
+            for plan in plans:
+                plan.pusher.report.dry_run = dry_run
+                plan.pusher.report.seconds = time.monotonic() - started
             return [p.report for p in pushers]
-        for p, todo in plans:
-            for d, entry in manifest.blobs.items():
-                if d in p.blob_tasks(todo):
-                    progress.add_total(entry.size)
+        for plan in plans:
+            progress.add_total(sum(manifest.blobs[d].size for d in plan.tasks))
         if spool is not None:
             assert reader is not None
             _push_streamed(reader, spool, plans, concurrency)
         else:
-            for p, todo in plans:
-                _push_random(p, todo, concurrency)
+            for plan in plans:
+                _push_random(plan, concurrency)
     finally:
         if spool is not None:
             spool.close()
@@ -542,26 +540,36 @@ def _run_image_blobs(p: _Pusher, todo: list[_Image],
         img.report.exit_code = error.exit_code
 
 
-def _push_random(p: _Pusher, todo: list[_Image], concurrency: int) -> None:
-    tasks = p.blob_tasks(todo)
+@dataclass(frozen=True)
+class _Plan:
+    """What one mirror needs: its pusher, the images to push, digest -> repositories."""
+
+    pusher: _Pusher
+    todo: list[_Image]
+    tasks: dict[str, list[str]]
+
+
+def _push_random(plan: _Plan, concurrency: int) -> None:
+    p = plan.pusher
     with ThreadPoolExecutor(concurrency, thread_name_prefix="push") as pool:
         # Largest first: the long uploads start early and the pool stays busy.
-        order = sorted(tasks, key=lambda d: -p.manifest.blobs[d].size)
-        futures = {d: pool.submit(p.push_digest, d, tasks[d]) for d in order}
-        _run_image_blobs(p, todo, futures)
+        order = sorted(plan.tasks, key=lambda d: -p.manifest.blobs[d].size)
+        futures = {d: pool.submit(p.push_digest, d, plan.tasks[d]) for d in order}
+        _run_image_blobs(p, plan.todo, futures)
 
 
-def _push_streamed(reader: BundleReader, spool: SpoolSource,
-                   plans: list[tuple[_Pusher, list[_Image]]], concurrency: int) -> None:
+def _push_streamed(reader: BundleReader, spool: SpoolSource, plans: list[_Plan],
+                   concurrency: int) -> None:
     """One ordered pass over the archive: spool what is needed, push, drop."""
     needed: dict[str, list[tuple[_Pusher, list[str]]]] = {}
     manifests_needed: set[str] = set()
-    for p, todo in plans:
-        for d, repos in p.blob_tasks(todo).items():
-            needed.setdefault(d, []).append((p, repos))
-        for img in todo:
+    for plan in plans:
+        for d, repos in plan.tasks.items():
+            needed.setdefault(d, []).append((plan.pusher, repos))
+        for img in plan.todo:
             manifests_needed.update(img.manifests)
-    futures: dict[_Pusher, dict[str, Future[None]]] = {p: {} for p, _ in plans}
+    futures: dict[_Pusher, dict[str, Future[None]]] = {plan.pusher: {} for plan in plans}
+    arrived: set[str] = set()  # members read whole from the stream
     in_flight = threading.BoundedSemaphore(max(1, concurrency))
 
     def run(digest: str) -> None:
@@ -579,8 +587,8 @@ def _push_streamed(reader: BundleReader, spool: SpoolSource,
                 try:
                     if blob.digest in manifests_needed:
                         data = _read_all(blob.reader)
-                        for p, _ in plans:
-                            p.manifest_bytes[blob.digest] = data
+                        for plan in plans:
+                            plan.pusher.manifest_bytes[blob.digest] = data
                     elif blob.digest in needed:
                         in_flight.acquire()
                         try:
@@ -591,28 +599,30 @@ def _push_streamed(reader: BundleReader, spool: SpoolSource,
                         fut = pool.submit(run, blob.digest)
                         for p, _ in needed[blob.digest]:
                             futures[p][blob.digest] = fut
+                    arrived.add(blob.digest)
                 except IntegrityError as e:
                     # This member is bad but was read to its end: the stream goes on, and
                     # only the images that need it fail.
                     broken[blob.digest] = e
             reader.finish()
         except BmsyncError as e:
-            # The stream itself broke (truncated, tampered layout): what did not arrive
-            # fails with this error; images complete before it still get their tags.
+            # The stream itself broke (truncated, tampered layout): what the archive
+            # carries but did not arrive fails with this error; images whose members all
+            # came before the break still get their tags.
             for d in set(needed) | manifests_needed:
-                if d not in futures[plans[0][0]] and d not in broken:
-                    broken[d] = e
-        for p, _ in plans:
-            p.broken = broken
+                if reader.manifest.blobs[d].in_archive and d not in arrived:
+                    broken.setdefault(d, e)
+        for plan in plans:
+            plan.pusher.broken = broken
             for d, error in broken.items():
                 failed: Future[None] = Future()
                 failed.set_exception(error)
-                futures[p][d] = failed
-        for p, todo in plans:
+                futures[plan.pusher][d] = failed
+        for plan in plans:
             # Blobs a delta leaves to its base are in the mirror (checked before): mount
             # them where an image needs them.
-            for d, repos in p.blob_tasks(todo).items():
-                if d not in futures[p]:
-                    futures[p][d] = pool.submit(p.push_digest, d, repos)
-            _run_image_blobs(p, todo, futures[p])
+            for d, repos in plan.tasks.items():
+                if d not in futures[plan.pusher]:
+                    futures[plan.pusher][d] = pool.submit(plan.pusher.push_digest, d, repos)
+            _run_image_blobs(plan.pusher, plan.todo, futures[plan.pusher])
 

@@ -750,6 +750,43 @@ def test_tampered_blob_never_yields_a_manifest(registry: RegistryServer, bundles
     assert not registry.has_blob(bad_layer.digest)
     assert report.exists(), "--report was not written when the push stopped on a bad blob"
     assert bad_layer.digest in report.read_text()
+    # Only the image that needs the bad blob fails: the others are pushed and tagged.
+    statuses = {i["source"]: i["status"]
+                for i in json.loads(report.read_text())["mirrors"][0]["images"]}
+    assert statuses.pop(f"gcr.io/{RBAC}") == "failed"
+    assert set(statuses.values()) == {"pushed"}, statuses
+    others = {ref: art for ref, art in release.images.items() if ref != RBAC}
+    assert_mirror_holds(registry.host, others)
+
+
+def test_stream_cut_short_tags_only_complete_images(registry: RegistryServer, bundles: Bundles,
+                                                    release: Release, env: dict[str, str],
+                                                    tmp: Path) -> None:
+    """A truncated stream: images whose members all came before the cut get their tags,
+    the others fail naming the truncation; nothing is tagged on a partial image."""
+    whole = bundles.get("none").read_bytes()
+    manifest = json.loads(whole[512:whole.index(b"\n}\n") + 3])
+    # Cut in the middle of the last blob member (the top manifest of the last image).
+    last, entry = max(manifest["blobs"].items(), key=lambda kv: kv[1].get("offset", -1))
+    at = whole.find(b"blobs/sha256/" + last.split(":")[1].encode())  # its tar header
+    assert at > 0 and at % 512 == 0
+    archive = tmp / bundles.get("none").name
+    archive.write_bytes(whole[:at + 512 + entry["size"] // 2])
+    report = tmp / "report.json"
+    mark = registry.mark()
+    run = push_images(archive, mirror_of(registry.host), "--report", str(report), env=env)
+    assert run.code != 0, run.output
+    assert "truncated" in run.output, run.output
+    assert report.exists(), run.output
+    images = json.loads(report.read_text())["mirrors"][0]["images"]
+    failed = [i for i in images if i["status"] == "failed"]
+    pushed = [i for i in images if i["status"] == "pushed"]
+    assert failed and pushed, images
+    assert all(last in json.dumps(manifest["images"][[m["source"] for m in manifest["images"]]
+                                                     .index(i["source"])]) for i in failed)
+    tags = [e.path for e in registry.since(mark)
+            if e.method == "PUT" and "/manifests/" in e.path and "sha256:" not in e.path]
+    assert len(tags) == len(pushed)
 
 
 def test_colliding_sources_named_before_any_request(registry_factory: RegistryFactory,
