@@ -215,11 +215,17 @@ class _Puller:
         blobs: dict[str, Descriptor] = {}
         self._walk(client, ref, kept, manifests, blobs, depth=0)
 
+        futures: list[tuple[Future[int], bool]] = []
+        first: str | None = None
+        if platforms and not kept.is_index:
+            # The config first: a wrong-platform image must not cost its layers.
+            config = kept.config()
+            first = config.digest
+            futures.append(self._submit_blob(client, ref, config))
+            self._check_platform(ref, futures[0][0], config, platforms)
+        futures += [self._submit_blob(client, ref, d) for d in blobs.values() if d.digest != first]
         # An image counts the blobs it was first to ask for, so per-image figures add up
         # to the run's total when images share layers.
-        if platforms and not kept.is_index:
-            self._check_platform(client, ref, kept, platforms)
-        futures = [self._submit_blob(client, ref, d) for d in blobs.values()]
         fetched = 0
         nbytes = 0
         for fut, owned in futures:
@@ -267,13 +273,11 @@ class _Puller:
         manifests.append(manifest)
 
     def _check_platform(
-        self, client: RegistryClient, ref: Reference, image: Manifest,
+        self, ref: Reference, fetching: Future[int], config: Descriptor,
         platforms: Sequence[Platform],
     ) -> None:
         """A single-platform image must be one of the wanted platforms (its config says)."""
-        config = image.config()
-        fut, _ = self._submit_blob(client, ref, config)
-        fut.result()
+        fetching.result()
         try:
             doc = json.loads(self.store.read_blob(config.digest))
             actual = Platform.from_json(doc)
@@ -325,10 +329,20 @@ class _Puller:
             return fut, owned
 
     def _fetch_blob(self, client: RegistryClient, ref: Reference, desc: Descriptor) -> int:
-        """Fetch one blob into the store, resuming after a lost connection; bytes moved."""
+        """Fetch one blob into the store, resuming after a lost connection.
+
+        Returns the bytes that crossed the wire (a resumed blob counts its missing part).
+        """
+        moved = 0
+
+        def count(n: int) -> None:
+            nonlocal moved
+            moved += n
+            self._moved(n)
+
         def fetch(offset: int, sink: BlobSink) -> None:
             client.fetch_blob(
-                ref.repository, desc.digest, _CountingSink(sink, self._moved), size=desc.size
+                ref.repository, desc.digest, _CountingSink(sink, count), size=desc.size
             )
 
         attempt = 0
@@ -350,7 +364,7 @@ class _Puller:
                     self.blobs_fetched += 1
                 else:
                     self.blobs_present += 1
-            return desc.size if fetched else 0
+            return moved if fetched else 0
 
 
 class _CountingSink:

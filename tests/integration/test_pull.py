@@ -178,6 +178,35 @@ def test_platform_filter_rewrites_index(registry: RegistryServer, image_factory:
     assert whole["digest"] == pinned.digest
     assert "pinned by digest" in run.stderr
 
+    # Warm, same platforms: one HEAD for the tagged image, nothing for the pinned one.
+    mark = registry.mark()
+    run = bmsync("pull", "--config", str(config), "--store", str(store),
+                 "--platform", "linux/amd64", "--json")
+    assert run.code == 0 and run.json()["summary"]["present"] == 2, run.output
+    assert [(e.method, e.path) for e in registry.since(mark)] == [
+        ("HEAD", "/v2/multi/app/manifests/1.0")]
+    # Other platforms: the image is pulled again and recorded under a new digest.
+    run = bmsync("pull", "--config", str(config), "--store", str(store),
+                 "--platform", "linux/arm64/v8", "--json")
+    assert run.code == 0, run.output
+    arm = store_index(store)[f"{GCR}/multi/app:1.0"]
+    assert arm["digest"] not in (entry["digest"], index.digest)
+    assert store_blob(store, arm64.layers[-1].digest).exists()
+
+
+def test_platform_check_counts_every_blob(registry: RegistryServer,
+                                         image_factory: ImageFactory, tmp: Path) -> None:
+    img = image_factory.image([image_factory.layer(10_000), image_factory.layer(20_000)])
+    push(registry.url, "single/app", "1", img)
+    config = write_images_config(tmp / "c.yaml", [f"{GCR}/single/app:1"],
+                                 registries=gcr(registry.url))
+    run = bmsync("pull", "--config", str(config), "--store", str(tmp / "store"),
+                 "--platform", "linux/amd64", "--json")
+    assert run.code == 0, run.output
+    [image] = run.json()["images"]
+    assert image["blobsFetched"] == len(img.blobs) == run.json()["summary"]["blobsFetched"]
+    assert image["bytesFetched"] == run.json()["summary"]["bytesFetched"]
+
 
 def test_tag_filters(registry: RegistryServer, image_factory: ImageFactory, tmp: Path) -> None:
     for tag in ("v3.4.1", "v3.4.2", "v3.5.0", "latest"):
@@ -405,8 +434,11 @@ def test_interrupted_pull_resumes_on_rerun(registry, image_factory, fault_proxy,
     assert run.code == 0, run.output
     [again] = [r for r in proxy.requests if r.path.endswith(layer.digest)]
     assert again.range is not None and int(again.range[6:-1]) >= 500_000
-    # The report counts the bytes that crossed the wire, not the whole blob again.
-    assert run.json()["summary"]["bytesFetched"] <= img.content_size - 500_000
+    # The report counts the bytes that crossed the wire, not the whole blob again, and
+    # the image's own figure agrees with the total.
+    report = run.json()
+    assert report["summary"]["bytesFetched"] <= img.content_size - 500_000
+    assert report["images"][0]["bytesFetched"] == report["summary"]["bytesFetched"]
     assert store_blob(tmp / "store", layer.digest).read_bytes() == layer.data
 
 
