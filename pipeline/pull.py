@@ -30,8 +30,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import ImagesConfig
-from pipeline.errors import BmsyncError, ConnectionLost, NotFound, UsageError
-from pipeline.manifest import Descriptor, Manifest, filter_index, parse_manifest
+from pipeline.errors import (
+    BmsyncError,
+    ConnectionLost,
+    IntegrityError,
+    NotFound,
+    StoreError,
+    UsageError,
+)
+from pipeline.manifest import Descriptor, Manifest, filter_index
 from pipeline.platform import Platform
 from pipeline.progress import Progress, human_bytes
 from pipeline.reference import Reference
@@ -165,6 +172,9 @@ class _Puller:
     ) -> None:
         self.store = store
         self.platform_hint = platform_hint
+        # index.json as the run started, read once (an image's entry is only ever
+        # replaced by its own pull).
+        self.known = store.images_by_name()
         self.clients = clients
         self.platforms = tuple(platforms)
         self.progress = progress
@@ -184,7 +194,7 @@ class _Puller:
         platforms = () if pinned else self.platforms
         wanted = ",".join(str(p) for p in platforms)
 
-        entry = self.store.find_image(name)
+        entry = self.known.get(name)
         if entry is not None:
             upstream = (entry.get("annotations") or {}).get(UPSTREAM_DIGEST, entry["digest"])
             same_platforms = (entry.get("annotations") or {}).get(PLATFORMS, "") == wanted
@@ -259,12 +269,9 @@ class _Puller:
             if depth > 2:
                 raise BmsyncError(f"{ref}: indexes nested deeper than 2 levels")
             for child in manifest.children():
-                if self.store.has_blob(child.digest, child.size) and depth == 0:
-                    stored = parse_manifest(
-                        self.store.read_blob(child.digest), child.media_type,
-                        expected_digest=child.digest,
-                    )
-                else:
+                try:
+                    stored = self.store.read_manifest(child.digest, child.media_type)
+                except (StoreError, IntegrityError):
                     stored = client.get_manifest(ref.repository, child.digest, what=str(ref))
                 self._walk(client, ref, stored, manifests, blobs, depth + 1)
         else:
@@ -292,10 +299,8 @@ class _Puller:
 
     def _complete(self, digest: str) -> bool:
         """Whether the store holds ``digest`` and everything it references (local reads only)."""
-        if not self.store.has_blob(digest):
-            return False
         try:
-            m = parse_manifest(self.store.read_blob(digest), expected_digest=digest)
+            m = self.store.read_manifest(digest)
         except BmsyncError:
             return False
         if m.is_index:

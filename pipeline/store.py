@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from pipeline.errors import IntegrityError, StoreError
-from pipeline.manifest import OCI_INDEX
+from pipeline.manifest import OCI_INDEX, Manifest, parse_manifest
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -589,6 +589,26 @@ class Store:
             )
         return data
 
+    def read_manifest(self, digest: str, media_type: str | None = None) -> Manifest:
+        """A stored manifest, parsed and checked against its digest (hashed once).
+
+        Errors as :meth:`read_blob`; a manifest whose bytes do not match is deleted.
+        """
+        path = self.blob_path(digest)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(
+                f"blob {digest} is not in the store {self.root}", hint="pull the image first"
+            ) from None
+        except OSError as exc:
+            raise StoreError(f"cannot read blob {path}: {exc.strerror}", hint=_DISK_HINT) from exc
+        try:
+            return parse_manifest(raw, media_type, expected_digest=digest)
+        except IntegrityError:
+            self.read_blob(digest)  # deletes the corrupt file and raises with the store's words
+            raise
+
     def open_blob(self, digest: str) -> BinaryIO:
         """An open binary file on a present blob; the caller closes it.
 
@@ -690,12 +710,13 @@ class Store:
         manifests: list[dict[str, Any]] = self._read_index()["manifests"]
         return manifests
 
+    def images_by_name(self) -> dict[str, dict[str, Any]]:
+        """The index.json entries by ref name: one read for a whole release."""
+        return {name: e for e in self.images() if (name := _ref_name(e)) is not None}
+
     def find_image(self, ref_name: str) -> dict[str, Any] | None:
         """The index.json entry annotated with ``ref_name``, or None."""
-        for entry in self.images():
-            if _ref_name(entry) == ref_name:
-                return entry
-        return None
+        return self.images_by_name().get(ref_name)
 
 
 def _ref_name(entry: Mapping[str, Any]) -> str | None:

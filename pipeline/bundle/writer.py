@@ -49,7 +49,7 @@ from pipeline.bundle.seekable import SeekableWriter
 from pipeline.bundle.split import SplitWriter
 from pipeline.bundle.tarstream import END_OF_ARCHIVE, TarWriter, member_span
 from pipeline.errors import IntegrityError, StoreError, UsageError
-from pipeline.manifest import OCI_INDEX, Manifest, parse_manifest
+from pipeline.manifest import OCI_INDEX
 from pipeline.reference import parse_reference
 from pipeline.store import UPSTREAM_DIGEST, Store, atomic_write
 
@@ -138,8 +138,9 @@ def plan_bundle(
     blob_class: dict[str, tuple[int, int, str, int]] = {}  # digest -> (class, depth, type, size)
     images: list[ImageEntry] = []
     index_entries: list[dict[str, Any]] = []
+    known = store.images_by_name()
     for name in sorted(set(names)):
-        entry = store.find_image(name)
+        entry = known.get(name)
         if entry is None:
             raise StoreError(f"{name} is not in the store {store.root}", hint="pull it first")
         needed: dict[str, int] = {}
@@ -208,12 +209,12 @@ def _walk(
     needed: dict[str, int],
 ) -> None:
     try:
-        raw = store.read_blob(digest)
-    except (StoreError, FileNotFoundError) as e:
+        m = store.read_manifest(digest, media_type)
+    except StoreError as e:
         raise StoreError(
             f"{name}: manifest {digest} is missing from the store", hint="pull it again"
         ) from e
-    m: Manifest = parse_manifest(raw, media_type, expected_digest=digest)
+    raw = m.raw
     cls = _INDEX if m.is_index else _IMAGE
     _note(blob_class, needed, digest, (cls, depth, m.media_type, len(raw)))
     if m.is_index:
