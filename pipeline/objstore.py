@@ -107,30 +107,6 @@ def open_store(url: str, *, endpoint_url: str | None = None) -> ObjectStore:
     raise UsageError(f"{url}: object storage URLs are s3://BUCKET/PREFIX or file:///PATH")
 
 
-def md5_etag(path: Path, part_size: int) -> str:
-    """The ETag S3 gives a file uploaded in ``part_size`` parts (or a single PUT)."""
-    size = path.stat().st_size
-    if size <= part_size:
-        return _md5_file(path, 0, size).hexdigest()
-    digests = b"".join(_md5_file(path, off, min(part_size, size - off)).digest()
-                       for off in range(0, size, part_size))
-    return f"{hashlib.md5(digests).hexdigest()}-{-(-size // part_size)}"
-
-
-def _md5_file(path: Path, offset: int, length: int) -> Any:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        f.seek(offset)
-        left = length
-        while left:
-            chunk = f.read(min(CHUNK, left))
-            if not chunk:
-                break
-            h.update(chunk)
-            left -= len(chunk)
-    return h
-
-
 def _append(src: Any, dest: Path, on_bytes: Callable[[int], None] | None,
             on_data: Callable[[bytes], None] | None = None) -> None:
     """Append everything ``src`` reads to ``dest``, then fsync (a resumable partial)."""

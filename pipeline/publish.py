@@ -36,7 +36,7 @@ from typing import Any
 from pipeline.bundle.format import BundleManifest, parse_manifest, sidecar_manifest_name
 from pipeline.bundle.reader import open_bundle
 from pipeline.bundle.split import find_parts
-from pipeline.bundle.verify import read_sidecar
+from pipeline.bundle.verify import parse_sums, read_sidecar
 from pipeline.errors import Conflict, IntegrityError, NotFound, NotYetArrived, UsageError
 from pipeline.objstore import ObjectInfo, ObjectStore
 
@@ -245,7 +245,7 @@ def fetch(store: ObjectStore, release: str, to: Path, *,
     if got is None:
         raise NotYetArrived(f"{store.url}: version {v} is listed but {sidecar_key} has not"
                             " arrived yet", hint="try again later")
-    sums = _parse_sums(got[0], f"{store.url}/{sidecar_key}")
+    sums = parse_sums(got[0].decode(errors="replace"), f"{store.url}/{sidecar_key}")
     if "sha256:" + sums.get(name, "") != entry.get("digest"):
         raise IntegrityError(f"{store.url}/{sidecar_key} does not match the catalog's digest"
                              f" {entry.get('digest')} for {name}")
@@ -311,17 +311,6 @@ def _write(path: Path, data: bytes) -> None:
     from pipeline.store import atomic_write
 
     atomic_write(path, data)
-
-
-def _parse_sums(raw: bytes, where: str) -> dict[str, str]:
-    sums: dict[str, str] = {}
-    for line in raw.decode(errors="replace").splitlines():
-        parts = line.split()
-        if len(parts) == 2 and len(parts[0]) == 64:
-            sums[parts[1].lstrip("*")] = parts[0]
-        elif line.strip():
-            raise IntegrityError(f"{where}: not a sha256sum file")
-    return sums
 
 
 def _hash_prefix(path: Path) -> Any:

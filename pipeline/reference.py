@@ -24,7 +24,7 @@ DOCKER_HUB_API = "registry-1.docker.io"
 
 # Names under which Docker Hub appears in references and docker config files; all
 # mean the same registry, whose API is served by registry-1.docker.io.
-_DOCKER_HUB_ALIASES = frozenset({DOCKER_HUB, "index.docker.io", DOCKER_HUB_API})
+DOCKER_HUB_ALIASES = frozenset({DOCKER_HUB, "index.docker.io", DOCKER_HUB_API})
 
 DEFAULT_TAG = "latest"
 MAX_REPOSITORY_LENGTH = 255
@@ -59,7 +59,7 @@ def _host_problem(host: str) -> tuple[str | None, str]:
         # Host names are case-insensitive (RFC 4343): one spelling per registry keeps
         # settings lookups and duplicate checks exact.
         name = match["name"].lower()
-        if port is None and name in _DOCKER_HUB_ALIASES:
+        if port is None and name in DOCKER_HUB_ALIASES:
             name = DOCKER_HUB
     return None, name if port is None else f"{name}:{port}"
 

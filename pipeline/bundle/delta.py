@@ -12,7 +12,6 @@ A delta built on it carries only the blobs whose digests it does not list.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -21,10 +20,10 @@ from pathlib import Path
 from pipeline.bundle.format import MEDIA_TYPE, BaseContent, BaseRef, parse_manifest
 from pipeline.bundle.reader import open_bundle
 from pipeline.errors import IntegrityError, UsageError
+from pipeline.manifest import compute_digest, is_digest
 
 INVENTORY_MEDIA_TYPE = "application/vnd.bmsync.inventory.v1+json"
 MAX_BASE_FILE = 256 * 1024 * 1024
-_DIGEST_LEN = len("sha256:") + 64
 
 
 def load_base(path: str | os.PathLike[str]) -> BaseContent:
@@ -49,7 +48,7 @@ def load_base(path: str | os.PathLike[str]) -> BaseContent:
             return _from_manifest(raw, str(p))
         if media == INVENTORY_MEDIA_TYPE:
             return BaseContent(
-                BaseRef("inventory", "sha256:" + hashlib.sha256(raw).hexdigest()),
+                BaseRef("inventory", compute_digest(raw)),
                 frozenset(_inventory_digests(doc, str(p))),
             )
         raise UsageError(
@@ -61,7 +60,7 @@ def load_base(path: str | os.PathLike[str]) -> BaseContent:
 
 def _from_manifest(raw: bytes, source: str) -> BaseContent:
     manifest = parse_manifest(raw, source=source)
-    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    digest = compute_digest(raw)
     # Everything the base's images need is at a site that imported the base (a delta
     # base's own missing blobs came from its base in turn).
     return BaseContent(BaseRef("bundle", digest, manifest.version), frozenset(manifest.blobs))
@@ -72,7 +71,7 @@ def _inventory_digests(doc: dict[str, object], source: str) -> Iterable[str]:
     if not isinstance(digests, list):
         raise IntegrityError(f"{source}: inventory has no digests list")
     for d in digests:
-        if not isinstance(d, str) or len(d) != _DIGEST_LEN or not d.startswith("sha256:"):
+        if not isinstance(d, str) or not d.startswith("sha256:") or not is_digest(d):
             raise IntegrityError(f"{source}: inventory lists an invalid digest {d!r}")
     return digests  # type: ignore[return-value]
 

@@ -54,17 +54,22 @@ class VerifyReport:
 
 def read_sidecar(path: Path) -> dict[str, str]:
     """``name -> sha256 hex`` from a sha256sum-format file."""
-    sums: dict[str, str] = {}
     try:
         text = path.read_text()
     except OSError as e:
         raise IntegrityError(f"cannot read checksum file {path}: {e.strerror}") from None
+    return parse_sums(text, str(path))
+
+
+def parse_sums(text: str, where: str) -> dict[str, str]:
+    """``name -> sha256 hex`` from sha256sum-format text; ``where`` names it in errors."""
+    sums: dict[str, str] = {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         match = _SUM_LINE.match(line)
         if not match:
-            raise IntegrityError(f"{path}:{n}: not a sha256sum line")
+            raise IntegrityError(f"{where}:{n}: not a sha256sum line")
         sums[match[2]] = match[1]
     return sums
 

@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import CredentialError
+from pipeline.reference import DOCKER_HUB, DOCKER_HUB_ALIASES
 
-DOCKER_HUB = "docker.io"
 # The server URL Docker itself files Docker Hub credentials under (`docker login`
 # with no argument); helpers expect exactly this string for Docker Hub.
 DOCKER_HUB_SERVER_URL = "https://index.docker.io/v1/"
-_DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 
 # Seconds a credential helper may take. Read at call time so tests can shorten it.
 HELPER_TIMEOUT_SECONDS = 10.0
@@ -100,7 +99,7 @@ def registry_host(server: str) -> str:
     if "://" in text:
         text = text.split("://", 1)[1]
     text = text.split("/", 1)[0]
-    return DOCKER_HUB if text in _DOCKER_HUB_ALIASES else text
+    return DOCKER_HUB if text in DOCKER_HUB_ALIASES else text
 
 
 def from_docker_config(host: str, path: str | os.PathLike[str] | None = None) -> Credential | None:
