@@ -34,9 +34,14 @@ def bmsync(
     env: Mapping[str, str] | None = None,
     timeout: float = 120,
     cwd: Path | None = None,
+    stdin: str | None = None,
 ) -> Run:
-    """``python -m pipeline.cli ARGS`` with a clean proxy environment and no terminal."""
+    """``python -m pipeline.cli ARGS`` with a clean proxy environment and no terminal.
+
+    ``stdin`` is piped in (``--password-stdin``); without it stdin is empty.
+    """
     full_env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    full_env.pop("BMSYNC_PASSWORD", None)
     full_env.update(env or {})
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args],
@@ -45,7 +50,7 @@ def bmsync(
         env=full_env,
         timeout=timeout,
         cwd=cwd or ROOT,
-        stdin=subprocess.DEVNULL,
+        input=stdin if stdin is not None else "",
     )
     return Run(done.returncode, done.stdout, done.stderr)
 

@@ -37,34 +37,9 @@ RBAC = "anthos-baremetal-release/kube-rbac-proxy:v0.6.0-gke.0"
 NAUTILUS = "kubernetes-e2e-test-images/nautilus:1.0"
 USER, PASSWORD = next(iter(USERS.items()))
 
-# Runs the real CLI; registers `containerd` itself when pipeline/cli/__init__.py does
-# not (yet), so the test exercises the same parser, error mapping and exit codes.
-_RUNNER = """
-import argparse, sys
-import pipeline.cli as cli
-from pipeline.cli import containerd
-build = cli.build_parser
-def patched():
-    parser = build()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "containerd" not in sub.choices:
-        containerd.add_parsers(sub)
-    return parser
-cli.build_parser = patched
-sys.exit(cli.main(sys.argv[1:]))
-"""
-
-
 def containerd_config(*args: str, stdin: str | None = None) -> Run:
     """``bmsync containerd config ARGS`` in a subprocess, no terminal."""
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env.pop("BMSYNC_PASSWORD", None)
-    done = subprocess.run(
-        [sys.executable, "-c", _RUNNER, "containerd", "config", *args],
-        input=stdin if stdin is not None else "", capture_output=True, text=True,
-        env=env, timeout=60, cwd=ROOT,
-    )
-    return Run(done.returncode, done.stdout, done.stderr)
+    return bmsync("containerd", "config", *args, stdin=stdin, timeout=60)
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,8 @@ air-gapped cluster does.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,7 +34,7 @@ from pipeline.verify import (
     parse_ctr_images,
     verify_node,
 )
-from tests.cli import ROOT, Run, bmsync, write_images_config
+from tests.cli import Run, bmsync, write_images_config
 from tests.conftest import USERS, RegistryFactory
 from tests.harness.images import Image, ImageFactory, Index
 from tests.harness.images import push as push_image
@@ -48,25 +46,6 @@ VERSION = "2.0.0"
 PROXY = "anthos-baremetal-release/kube-rbac-proxy:v0.6.0-gke.0"
 NAUTILUS = "kubernetes-e2e-test-images/nautilus:1.0"
 NO_LOGIN = ("--need-credential=false",)
-
-# `bmsync verify` is registered in pipeline/cli/__init__.py by its owner; until then this
-# adds it to the real parser (once) and runs the real main(), so the command, its exit
-# codes and its error lines are exactly what a user gets either way.
-_MAIN = """
-import argparse, sys
-import pipeline.cli as cli
-from pipeline.cli import verify
-_build = cli.build_parser
-def build():
-    parser = _build()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "verify" not in sub.choices:
-        verify.add_parsers(sub)
-    return parser
-cli.build_parser = build
-sys.exit(cli.main(sys.argv[1:]))
-"""
-
 
 @dataclass(frozen=True)
 class Release:
@@ -80,24 +59,14 @@ class Release:
         return {PROXY: self.proxy, NAUTILUS: self.nautilus}
 
 
-def run_cli(prefix: Sequence[str], args: Sequence[str], *, env: Mapping[str, str],
-            stdin: str | None = None) -> Run:
-    full_env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    full_env.update(env)
-    done = subprocess.run([sys.executable, *prefix, *args], input=stdin or "",
-                          capture_output=True, text=True, env=full_env, timeout=120, cwd=ROOT)
-    return Run(done.returncode, done.stdout, done.stderr)
-
-
 def verify(*args: str, env: Mapping[str, str], stdin: str | None = None) -> Run:
-    return run_cli(["-c", _MAIN], ["verify", *args], env=env, stdin=stdin)
+    return bmsync("verify", *args, env=env, stdin=stdin)
 
 
 def push(archive: Path, mirror: str, *login: str, env: Mapping[str, str],
          stdin: str | None = None) -> Run:
-    run = run_cli(["-m", "pipeline.cli"],
-                  ["push", "images", f"--source={archive}", f"--private-registry={mirror}",
-                   *(login or NO_LOGIN)], env=env, stdin=stdin)
+    run = bmsync("push", "images", f"--source={archive}", f"--private-registry={mirror}",
+                 *(login or NO_LOGIN), env=env, stdin=stdin)
     assert run.code == 0, run.output
     return run
 
