@@ -47,6 +47,7 @@ from pipeline.errors import (
     TooManyRequests,
     TransportError,
 )
+from pipeline.manifest import IMAGE_TYPES, INDEX_TYPES
 from pipeline.progress import Progress
 from pipeline.reference import (
     Mirror,
@@ -304,17 +305,8 @@ class _Pusher:
             )
 
     def has(self, repo: str, digest: str) -> bool:
-        """Whether ``repo`` holds ``digest``: manifests are asked for as manifests (a
-        registry links them apart from layers), everything else as a blob."""
-        from pipeline.manifest import IMAGE_TYPES, INDEX_TYPES
-
-        if self.manifest.blobs[digest].media_type in IMAGE_TYPES | INDEX_TYPES:
-            try:
-                self.client.head_manifest(repo, digest)
-                return True
-            except NotFound:
-                return False
-        return self.client.blob_exists(repo, digest)
+        return self.client.holds(repo, digest, self.manifest.blobs[digest].media_type,
+                                 push=True)
 
     # Blobs -----------------------------------------------------------------------------
 
@@ -410,12 +402,9 @@ class _Pusher:
     def push_manifests(self, img: _Image) -> None:
         repo = img.ref.repository
         for digest in img.manifests[:-1]:  # children by digest first
-            try:
-                self.client.head_manifest(repo, digest)
-                continue  # already there (a shared child, or an earlier partial push)
-            except NotFound:
-                pass
             entry = self.manifest.blobs[digest]
+            if self.client.holds(repo, digest, entry.media_type, push=True):
+                continue  # already there (a shared child, or an earlier partial push)
             self.client.put_manifest(repo, digest, self.manifest_raw(digest, repo),
                                      entry.media_type, expected_digest=digest)
         own = img.manifests[-1]
@@ -437,8 +426,6 @@ def _chunks(reader: VerifyingReader, progress: Progress) -> Iterator[bytes]:
 
 def _split_blobs(manifest: BundleManifest, entry: ImageEntry) -> tuple[list[str], list[str]]:
     """An image's layers/configs, and its manifests ordered children first."""
-    from pipeline.manifest import IMAGE_TYPES, INDEX_TYPES
-
     blobs, images, indexes = [], [], []
     for d in entry.blobs:
         media = manifest.blobs[d].media_type

@@ -168,14 +168,7 @@ def verify_mirror(manifest: BundleManifest, mirror: Mirror, client: RegistryClie
 
     def head_blob(pair: tuple[str, str]) -> None:
         repo, digest = pair
-        if manifest.blobs[digest].media_type in IMAGE_TYPES | INDEX_TYPES:
-            try:
-                client.head_manifest(repo, digest)
-                found = True
-            except NotFound:
-                found = False
-        else:
-            found = client.blob_exists(repo, digest, push=False)
+        found = client.holds(repo, digest, manifest.blobs[digest].media_type)
         with lock:
             present[pair] = found
 

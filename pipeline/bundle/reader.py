@@ -613,6 +613,15 @@ def check_images(manifest: BundleManifest, manifests: dict[str, bytes], name: st
             )
 
 
+def layout_manifest(layout: Path) -> BundleManifest:
+    """The plan of a layout made by ``bmsync bundle extract`` (its ``bundle.json``)."""
+    manifest_file = layout / BUNDLE_JSON
+    if not manifest_file.is_file():
+        raise UsageError(f"{layout} holds no bundle.json: give the archive, or a layout"
+                         " made by `bmsync bundle extract`")
+    return parse_manifest(manifest_file.read_bytes(), source=str(manifest_file))
+
+
 def open_bundle(path: str | os.PathLike[str], *, hash_raw: bool = False) -> BundleReader:
     """Open an archive file, or a split archive by its name or any part's name.
 

@@ -154,8 +154,7 @@ def mirror_clients(args: argparse.Namespace) -> list[tuple[Mirror, RegistryClien
 
 
 def cmd_push_images(args: argparse.Namespace) -> int:
-    from pipeline.bundle.format import BUNDLE_JSON, parse_manifest
-    from pipeline.bundle.reader import open_bundle
+    from pipeline.bundle.reader import layout_manifest, open_bundle
     from pipeline.mirror import push_bundle
     from pipeline.progress import Progress
     from pipeline.store import atomic_write
@@ -164,14 +163,9 @@ def cmd_push_images(args: argparse.Namespace) -> int:
     targets = mirror_clients(args)
     progress = Progress("push", enabled=not args.json)
     if source.is_dir():
-        manifest_file = source / BUNDLE_JSON
-        if not manifest_file.is_file():
-            raise UsageError(f"{source} holds no bundle.json: extract it with"
-                             " `bmsync bundle extract`, or give the archive")
-        manifest = parse_manifest(manifest_file.read_bytes(), source=str(manifest_file))
-        reports = push_bundle(manifest, targets, layout=source, concurrency=args.concurrency,
-                              dry_run=args.dry_run, no_overwrite=args.no_overwrite,
-                              progress=progress)
+        reports = push_bundle(layout_manifest(source), targets, layout=source,
+                              concurrency=args.concurrency, dry_run=args.dry_run,
+                              no_overwrite=args.no_overwrite, progress=progress)
     else:
         with open_bundle(source) as reader:
             reports = push_bundle(reader.manifest, targets, reader=reader,

@@ -68,15 +68,10 @@ def add_parsers(sub: Any) -> None:
 
 def _manifest(source: Path) -> BundleManifest:
     """The bundle's plan, from an archive's first member or a layout's bundle.json."""
-    from pipeline.bundle.format import BUNDLE_JSON, parse_manifest
-    from pipeline.bundle.reader import open_bundle
+    from pipeline.bundle.reader import layout_manifest, open_bundle
 
     if source.is_dir():
-        manifest_file = source / BUNDLE_JSON
-        if not manifest_file.is_file():
-            raise UsageError(f"{source} holds no bundle.json: give the archive, or a layout"
-                             " made by `bmsync bundle extract`")
-        return parse_manifest(manifest_file.read_bytes(), source=str(manifest_file))
+        return layout_manifest(source)
     with open_bundle(source) as reader:
         return reader.manifest
 

@@ -37,7 +37,14 @@ from pipeline.errors import (
     TransportError,
     Unauthorized,
 )
-from pipeline.manifest import ACCEPT, MAX_MANIFEST_SIZE, Manifest, parse_manifest
+from pipeline.manifest import (
+    ACCEPT,
+    IMAGE_TYPES,
+    INDEX_TYPES,
+    MAX_MANIFEST_SIZE,
+    Manifest,
+    parse_manifest,
+)
 from pipeline.registry.auth import Authenticator
 from pipeline.registry.credentials import Credential
 from pipeline.registry.transport import Transport, read_limited, redact_url, retry_after
@@ -240,6 +247,20 @@ class RegistryClient:
             return False
         self._raise_for(resp, f"{self.host}/{repository}", f"blob {digest}")
         return False  # not reached
+
+    def holds(self, repository: str, digest: str, media_type: str, *,
+              push: bool = False) -> bool:
+        """Whether ``repository`` holds ``digest``: manifests are asked for as manifests
+        (distribution links them apart from layers: a blob HEAD on one answers 404),
+        everything else as a blob. ``push`` asks with the push scope (one token for a
+        push's checks and writes)."""
+        if media_type in INDEX_TYPES or media_type in IMAGE_TYPES:
+            try:
+                self.head_manifest(repository, digest)
+                return True
+            except NotFound:
+                return False
+        return self.blob_exists(repository, digest, push=push)
 
     def mount_blob(self, repository: str, digest: str, from_repository: str) -> bool:
         """Ask the registry to mount ``digest`` from another repository of its own.
