@@ -178,25 +178,29 @@ class ProxyRequest:
 
 
 class Rule:
-    """A fault applied to the first ``times`` requests matching ``method`` and ``path``.
+    """A fault applied to the first ``times`` requests matching ``method``, ``path`` and
+    ``query``.
 
-    ``path`` is a regex searched in the request path (query excluded); ``method`` None
-    matches any method. ``hits`` counts the requests it applied to. Mutable, guarded by
-    the proxy's lock.
+    ``path`` and ``query`` are regexes searched in the request's path and query string;
+    ``method`` None matches any method, ``query`` None any query. ``hits`` counts the
+    requests it applied to. Mutable, guarded by the proxy's lock.
     """
 
-    def __init__(self, action: Action, *, method: str | None, path: str, times: int) -> None:
+    def __init__(self, action: Action, *, method: str | None, path: str, times: int,
+                 query: str | None = None) -> None:
         self.action = action
         self.method = method.upper() if method else None
         self.pattern = re.compile(path)
+        self.query = re.compile(query) if query is not None else None
         self.times = times
         self.hits = 0
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, query: str = "") -> bool:
         return (
             self.hits < self.times
             and (self.method is None or self.method == method)
             and self.pattern.search(path) is not None
+            and (self.query is None or self.query.search(query) is not None)
         )
 
     @property
@@ -278,10 +282,11 @@ class FaultProxy:
     # -- rules ----------------------------------------------------------------------
 
     def add_rule(
-        self, action: Action, *, method: str | None = None, path: str = "", times: int = 1
+        self, action: Action, *, method: str | None = None, path: str = "",
+        query: str | None = None, times: int = 1,
     ) -> Rule:
         """Apply ``action`` to the next ``times`` requests matching; returns the rule."""
-        rule = Rule(action, method=method, path=path, times=times)
+        rule = Rule(action, method=method, path=path, query=query, times=times)
         with self._lock:
             self._rules.append(rule)
         return rule
@@ -290,10 +295,10 @@ class FaultProxy:
         with self._lock:
             self._rules.clear()
 
-    def _take_rule(self, method: str, path: str) -> Rule | None:
+    def _take_rule(self, method: str, path: str, query: str = "") -> Rule | None:
         with self._lock:
             for rule in self._rules:
-                if rule.matches(method, path):
+                if rule.matches(method, path, query):
                     rule.hits += 1
                     return rule
         return None
@@ -403,7 +408,7 @@ class _ProxyHandler(QuietHandler):
         split = urlsplit(self.path)
         path, query = split.path, split.query
         received = list(self.headers.items())
-        rule = proxy._take_rule(self.command, path)
+        rule = proxy._take_rule(self.command, path, query)
         action = rule.action if rule is not None else None
         action_name = type(action).__name__ if action is not None else None
 

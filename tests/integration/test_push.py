@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import pytest
 
@@ -33,12 +33,9 @@ from tests.harness.faultproxy import (
     FaultProxy,
     Reset,
     Respond,
-    Rule,
-    _ProxyHandler,
     rate_limit,
 )
 from tests.harness.forwardproxy import ForwardProxy
-from tests.harness.httpserver import LoopbackHTTPServer
 from tests.harness.images import Artifact, Image, ImageFactory, Layer
 from tests.harness.images import push as push_upstream
 from tests.harness.registry import AccessEntry, RegistryServer, start_registry
@@ -555,70 +552,15 @@ def test_blob_upload_survives_a_fault(fault: str, method: str, registry: Registr
     assert_mirror_holds(registry.host, release.images)
 
 
-class QueryRule(Rule):
-    """A :class:`Rule` that also searches ``query`` (a regex) in the request's query."""
-
-    def __init__(self, action: Action, *, method: str | None, path: str, query: str,
-                 times: int) -> None:
-        super().__init__(action, method=method, path=path, times=times)
-        self.query = re.compile(query)
-        self.current_query = ""
-
-    def matches(self, method: str, path: str) -> bool:
-        return super().matches(method, path) and self.query.search(self.current_query) is not None
-
-
-class QueryFaultProxy(FaultProxy):
-    """A FaultProxy whose rules can match the query string too (FaultProxy sees paths only).
-
-    Its handler notes each request's query for the thread serving it before the rules
-    are consulted; rules are taken under the proxy's lock, so the note is read there.
-    """
-
-    def __init__(self, upstream: str) -> None:
-        super().__init__(upstream)
-        self._server.server_close()
-        self._server = LoopbackHTTPServer(_QueryHandler, self)
-
-    def add_query_rule(self, action: Action, *, method: str, path: str, query: str,
-                       times: int = 1) -> QueryRule:
-        rule = QueryRule(action, method=method, path=path, query=query, times=times)
-        with self._lock:
-            self._rules.append(rule)
-        return rule
-
-    def _take_rule(self, method: str, path: str) -> Rule | None:
-        query: str = getattr(self._local, "query", "")
-        with self._lock:
-            for rule in self._rules:
-                if isinstance(rule, QueryRule):
-                    rule.current_query = query
-                if rule.matches(method, path):
-                    rule.hits += 1
-                    return rule
-        return None
-
-
-class _QueryHandler(_ProxyHandler):
-    def _handle(self) -> None:
-        owner: QueryFaultProxy = self.server.owner
-        owner._local.query = urlsplit(self.path).query
-        super()._handle()
-
-
 def test_mirror_that_refuses_mounts_gets_uploads(registry: RegistryServer, bundles: Bundles,
-                                                 release: Release, env: dict[str, str]) -> None:
-    proxy = QueryFaultProxy(registry.url)
-    proxy.start()
-    try:
-        # What a registry that declines a mount answers: 202, and no blob mounted.
-        refuse = proxy.add_query_rule(Respond(202), method="POST", path=r"/blobs/uploads/$",
-                                      query=r"(^|&)mount=", times=100)
-        mark = registry.mark()
-        run = push_images(bundles.get("zstd"), mirror_of(proxy.host), "--json",
-                          env=env)
-    finally:
-        proxy.stop()
+                                                 release: Release, env: dict[str, str],
+                                                 fault_proxy: Callable[..., FaultProxy]) -> None:
+    proxy = fault_proxy(registry)
+    # What a registry that declines a mount answers: 202, and no blob mounted.
+    refuse = proxy.add_rule(Respond(202), method="POST", path=r"/blobs/uploads/$",
+                            query=r"(^|&)mount=", times=100)
+    mark = registry.mark()
+    run = push_images(bundles.get("zstd"), mirror_of(proxy.host), "--json", env=env)
     assert run.code == 0, run.output
     assert refuse.hits == 2  # the base layer, into etcd and into nautilus
     assert not any("mount" in parse_qs(r.query) for r in proxy.requests if r.status != 202)
