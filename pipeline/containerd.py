@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import ConfigError, CredentialError, UsageError
-from pipeline.reference import Mirror, normalize_registry, parse_mirror
+from pipeline.reference import DOCKER_HUB, DOCKER_HUB_API, Mirror, normalize_registry, parse_mirror
 from pipeline.registry.credentials import Credential, from_docker_config, from_gcr_key
 from pipeline.store import atomic_write
 
@@ -61,7 +61,23 @@ FORMATS = ("hosts", "config-toml", "config-toml-legacy", "cluster-config", "regi
 REDACTED = "<redacted>"
 
 # Where the public hosts' APIs live when they are the fallback ``server``.
-_UPSTREAM_SERVERS = {"docker.io": "https://registry-1.docker.io"}
+LOCALHOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def hostname_of(netloc: str) -> str:
+    """``HOST`` of ``HOST[:PORT]`` (``[v6]`` kept in brackets)."""
+    if netloc.startswith("["):
+        return netloc.split("]", 1)[0] + "]"
+    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+
+
+def upstream_url(host: str) -> str:
+    """What containerd pulls ``host`` from when no mirror answers (its default server):
+    the generator writes it as ``server`` and the checker compares against it."""
+    if host == DOCKER_HUB:
+        return f"https://{DOCKER_HUB_API}"
+    scheme = "http" if hostname_of(host) in LOCALHOSTS else "https"
+    return f"{scheme}://{host}"
 
 
 @dataclass(frozen=True)
@@ -301,7 +317,7 @@ def hosts_toml(settings: MirrorSettings, host: str, *, install_dir: Path) -> str
         lines.append(f"server = {_toml_string(first.url)}")
         lines.extend(entry(first))
     else:
-        upstream = _UPSTREAM_SERVERS.get(host, f"https://{host}")
+        upstream = upstream_url(host)
         lines.append(f"server = {_toml_string(upstream)}")
     # Every mirror is a [host], even the one that is also the server: containerd 1.6
     # rejects a hosts.toml without a host table ("invalid `host` tree").

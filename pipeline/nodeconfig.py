@@ -49,11 +49,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.containerd import read_ca
+from pipeline.containerd import LOCALHOSTS, UPSTREAM, hostname_of, read_ca, upstream_url
 from pipeline.errors import ConfigError, UsageError
-from pipeline.reference import DOCKER_HUB, DOCKER_HUB_API, Mirror, normalize_registry
+from pipeline.reference import Mirror, normalize_registry
 
-UPSTREAM = "gcr.io"
 HOSTS_TOML = "hosts.toml"
 CRI_PLUGINS = ("io.containerd.grpc.v1.cri", "cri")
 
@@ -69,7 +68,6 @@ MISCONFIGURED = "misconfigured"  # a usable mirror, but something else in its co
 NOT_MIRRORED = "not mirrored"  # no usable mirror (or not the expected one)
 
 _CAPABILITIES = ("pull", "resolve", "push")
-_LOCALHOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 _PEM = re.compile(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.DOTALL)
 
 
@@ -277,8 +275,8 @@ def check_node_config(
         " its public registry"
     )
     checks = tuple(
-        HostCheck(h, None, (), _upstream_url(h),
-                  (f"nothing configures {h}: containerd pulls it from {_upstream_url(h)}",))
+        HostCheck(h, None, (), upstream_url(h),
+                  (f"nothing configures {h}: containerd pulls it from {upstream_url(h)}",))
         for h in names
     )
     return NodeConfigReport(source, FORM_NONE, (), checks, tuple(problems))
@@ -356,20 +354,6 @@ def _root(text: str, source: Path) -> Path:
     return root if root.is_absolute() else source.parent / root
 
 
-def _upstream_url(host: str) -> str:
-    """What containerd pulls ``host`` from when nothing else answers."""
-    if host == DOCKER_HUB:
-        return f"https://{DOCKER_HUB_API}"
-    scheme = "http" if _hostname(host) in _LOCALHOSTS else "https"
-    return f"{scheme}://{host}"
-
-
-def _hostname(netloc: str) -> str:
-    if netloc.startswith("["):
-        return netloc.split("]", 1)[0] + "]"
-    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
-
-
 def _is_upstream(netloc: str, host: str) -> bool:
     try:
         return normalize_registry(netloc) == host
@@ -408,7 +392,7 @@ def _host_dir(roots: Sequence[Path], host: str) -> Path | None:
 
 
 def _check_hosts_dir(roots: Sequence[Path], host: str, expectation: _Expectation) -> HostCheck:
-    upstream = _upstream_url(host)
+    upstream = upstream_url(host)
     host_dir = _host_dir(roots, host)
     where = " or ".join(str(r / host / HOSTS_TOML) for r in roots)
     if host_dir is None:
@@ -468,8 +452,8 @@ def _parse_hosts(doc: Mapping[str, Any], host: str,
     if not server:
         # Without `server` containerd appends the public host after the mirrors. Its
         # top-level keys are still parsed, and a bad one makes containerd ignore the file.
-        _hosts_endpoint(_upstream_url(host), top, host_dir, server=True)
-        return tuple(endpoints), fallback or _upstream_url(host)
+        _hosts_endpoint(upstream_url(host), top, host_dir, server=True)
+        return tuple(endpoints), fallback or upstream_url(host)
     last = _hosts_endpoint(server, top, host_dir, server=True)
     if _is_upstream(urlsplit(last.api or "").netloc, host):
         return tuple(endpoints), fallback or _origin(last)
@@ -569,7 +553,7 @@ def _ca_list(url: str, value: Any, base: Path) -> tuple[str, ...]:
 
 def _check_legacy(host: str, mirrors: Mapping[str, Any], configs: Mapping[str, Any],
                   source: Path, expectation: _Expectation) -> HostCheck:
-    upstream = _upstream_url(host)
+    upstream = upstream_url(host)
     # containerd looks the host up exactly as references name it, then tries "*".
     key = host if host in mirrors else "*" if "*" in mirrors else None
     if key is None:
@@ -597,7 +581,7 @@ def _legacy_endpoint(url: str, configs: Mapping[str, Any], source: Path) -> Endp
     full = url
     if "://" not in url:
         netloc = urlsplit(f"dummy://{url}").netloc
-        full = f"{'http' if _hostname(netloc) in _LOCALHOSTS else 'https'}://{url}"
+        full = f"{'http' if hostname_of(netloc) in LOCALHOSTS else 'https'}://{url}"
     parts = urlsplit(full)
     capabilities = ("pull", "resolve")
     if not parts.netloc or parts.scheme not in ("http", "https"):

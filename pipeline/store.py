@@ -55,6 +55,8 @@ REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 # bmsync's own annotations on index.json entries (reverse-DNS, as the OCI spec asks): the
 # manifest digest upstream (differs after a platform filter) and the platforms kept.
 UPSTREAM_DIGEST = "dev.bmsync.upstream-digest"
+# The oci-layout file's bytes as bmsync writes them outside a store (archives, extracts).
+OCI_LAYOUT_BYTES = b'{"imageLayoutVersion":"1.0.0"}'
 PLATFORMS = "dev.bmsync.platforms"
 
 # Algorithms the store accepts and the length of their hex encoding (OCI image spec,
@@ -113,10 +115,10 @@ def _replace(target: Path, data: bytes, *, tmp_dir: Path, mode: int, durable: bo
             os.unlink(tmp_name)
         raise
     if durable:
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -527,7 +529,7 @@ class Store:
         with _disk_errors(f"cannot move {partial} to {final}"):
             final.parent.mkdir(exist_ok=True)
             os.replace(partial, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             self._write_marker(hexdigest, sink.offset)
 
     def write_blob(self, data: bytes, digest: str | None = None) -> str:

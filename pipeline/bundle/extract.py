@@ -30,7 +30,7 @@ from pipeline.bundle.reader import BundleReader, open_bundle
 from pipeline.bundle.verify import check_sums, expected_sums
 from pipeline.errors import IntegrityError, StoreError, UsageError
 from pipeline.manifest import OCI_INDEX
-from pipeline.store import atomic_write
+from pipeline.store import OCI_LAYOUT_BYTES, atomic_write, fsync_dir
 
 CHUNK = 1024 * 1024
 
@@ -75,13 +75,13 @@ def _extract_fresh(reader: BundleReader, to: Path, sums: dict[str, str] | None) 
         blobs_dir = tmp / "blobs" / "sha256"
         blobs_dir.mkdir(parents=True)
         written, nbytes = _write_blobs(reader, blobs_dir, sums)
-        (tmp / OCI_LAYOUT).write_bytes(b'{"imageLayoutVersion":"1.0.0"}')
+        (tmp / OCI_LAYOUT).write_bytes(OCI_LAYOUT_BYTES)
         # bundle.json beside the layout lets `push images --source=DIR` plan from it.
         atomic_write(tmp / BUNDLE_JSON, reader.manifest_raw)
         atomic_write(tmp / "index.json", reader.index_json)
-        _fsync_dir(blobs_dir)
+        fsync_dir(blobs_dir)
         os.rename(tmp, to)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -163,11 +163,3 @@ def _merge_index(path: Path, incoming: dict[str, Any]) -> None:
         "manifests": [entries[k] for k in sorted(entries)],
     }
     atomic_write(path, (json.dumps(merged, sort_keys=True, indent=1) + "\n").encode())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

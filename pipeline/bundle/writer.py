@@ -51,7 +51,7 @@ from pipeline.bundle.tarstream import END_OF_ARCHIVE, TarWriter, member_span
 from pipeline.errors import IntegrityError, StoreError, UsageError
 from pipeline.manifest import OCI_INDEX
 from pipeline.reference import parse_reference
-from pipeline.store import UPSTREAM_DIGEST, Store, atomic_write
+from pipeline.store import OCI_LAYOUT_BYTES, UPSTREAM_DIGEST, Store, atomic_write
 
 CHUNK = 8 * 1024 * 1024
 XZ_PRESET = 1  # layers are already compressed: higher presets cost minutes and gain nothing
@@ -195,7 +195,7 @@ def plan_bundle(
     return BundlePlan(
         manifest=manifest,
         index_json=(json.dumps(index, sort_keys=True, indent=1) + "\n").encode(),
-        oci_layout=b'{"imageLayoutVersion":"1.0.0"}',
+        oci_layout=OCI_LAYOUT_BYTES,
     )
 
 
