@@ -441,6 +441,14 @@ def test_big_archive_round_trips_through_multipart(published_big: Published, big
     assert verified.code == 0, verified.output
     assert "OK, bundle big" in verified.stdout
 
+    # Fetching the same version again moves nothing and leaves the file as it was.
+    before = (dest / big.name).stat()
+    again = fetch(backend, "latest", dest, "--json")
+    assert again.code == 0, again.output
+    assert again.json()["bytesDownloaded"] == 0
+    after = (dest / big.name).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
 
 def test_killed_fetch_resumes_without_downloading_again(published_big: Published, big: Built,
                                                         tmp_path: Path) -> None:
