@@ -195,20 +195,27 @@ class _Puller:
         wanted = ",".join(str(p) for p in platforms)
 
         entry = self.known.get(name)
+        upstream: str | None = None  # of the stored image, when it is whole and reusable
         if entry is not None:
-            upstream = (entry.get("annotations") or {}).get(UPSTREAM_DIGEST, entry["digest"])
-            same_platforms = (entry.get("annotations") or {}).get(PLATFORMS, "") == wanted
-            if same_platforms and self._complete(entry["digest"]):
-                current = ref.digest or client.head_manifest(
-                    ref.repository, ref.identifier, what=str(ref)
-                ).digest
-                if current == upstream:
-                    return ImageResult(
-                        str(ref), "present", entry["digest"], upstream, entry.get("mediaType")
-                    )
+            annotations = entry.get("annotations") or {}
+            if annotations.get(PLATFORMS, "") == wanted and self._complete(entry["digest"]):
+                upstream = annotations.get(UPSTREAM_DIGEST, entry["digest"])
+        if entry is not None and upstream is not None:
+            current = ref.digest or client.head_manifest(
+                ref.repository, ref.identifier, what=str(ref)
+            ).digest
+            if current == upstream:
+                return ImageResult(
+                    str(ref), "present", entry["digest"], upstream, entry.get("mediaType")
+                )
 
         top = client.get_manifest(ref.repository, ref.identifier, what=str(ref))
         upstream_digest = top.digest
+        if entry is not None and upstream == upstream_digest:
+            # The HEAD did not say (no Docker-Content-Digest): the GET shows it unchanged.
+            return ImageResult(
+                str(ref), "present", entry["digest"], upstream, entry.get("mediaType")
+            )
         if pinned and self.platforms and top.is_index:
             log.warning(
                 "%s is pinned by digest: keeping every platform of its index", ref
@@ -245,10 +252,8 @@ class _Puller:
                 nbytes += got
         for m in manifests:
             self.store.write_blob(m.raw, m.digest)
-        descriptor: dict[str, Any] = {
-            "mediaType": kept.media_type,
-            "digest": kept.digest,
-            "size": len(kept.raw),
+        descriptor = {
+            **kept.descriptor().to_json(),
             "annotations": {UPSTREAM_DIGEST: upstream_digest, PLATFORMS: wanted},
         }
         self.store.add_image(name, descriptor)

@@ -709,3 +709,28 @@ def test_https_endpoint_on_plain_http_registry(registry: RegistryServer, tmp: Pa
     run = bmsync("pull", "--config", str(config), "--store", str(tmp / "store"))
     assert run.code == 4
     assert "does not speak TLS" in run.stderr and "http://" in run.stderr
+
+
+def test_head_without_digest_falls_back_to_get_and_keeps_present(
+    registry, image_factory, fault_proxy, tmp  # type: ignore[no-untyped-def]
+) -> None:
+    """A registry whose HEAD carries no Docker-Content-Digest: the GET decides, and an
+    unchanged image stays "present" (index.json untouched)."""
+    from tests.harness.faultproxy import respond
+
+    _one_image(registry, image_factory)
+    proxy = fault_proxy(registry)
+    config = write_images_config(tmp / "c.yaml", [f"{GCR}/fault/app:1"],
+                                 registries=gcr(proxy.url))
+    store = tmp / "store"
+    assert bmsync("pull", "--config", str(config), "--store", str(store)).code == 0
+    before = (store / "index.json").read_bytes()
+    oci = {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}
+    proxy.add_rule(respond(200, b"", oci), method="HEAD", path=r"/manifests/", times=1)
+    mark = proxy.mark()
+    run = bmsync("pull", "--config", str(config), "--store", str(store), "--json")
+    assert run.code == 0, run.output
+    assert run.json()["images"][0]["status"] == "present"
+    assert [(r.method, "/manifests/" in r.path) for r in proxy.since(mark)] == [
+        ("HEAD", True), ("GET", True)]
+    assert (store / "index.json").read_bytes() == before
