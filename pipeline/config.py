@@ -15,10 +15,10 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -29,6 +29,8 @@ from pipeline.reference import Reference, normalize_registry, parse_reference, p
 from pipeline.tagfilter import TagFilter, compile_regex, parse_constraint
 
 SUPPORTED_VERSIONS = (1,)
+
+_T = TypeVar("_T")
 
 _TOP_KEYS = ("version", "release", "platforms", "registries", "images")
 _REGISTRY_KEYS = (
@@ -111,6 +113,11 @@ class ImagesConfig:
         return self.registries.get(normalised) or RegistrySettings(host=normalised)
 
 
+def valid_release(name: str) -> bool:
+    """Whether ``name`` can name a bundle: a file name and an object-store folder."""
+    return len(name) <= _MAX_RELEASE_LENGTH and _RELEASE.fullmatch(name) is not None
+
+
 def load_images_config(
     path: str | os.PathLike[str], *, extra_keys: Collection[str] = ()
 ) -> ImagesConfig:
@@ -122,10 +129,29 @@ def load_images_config(
     wrong types, unsupported version, invalid references, platforms, filters or
     endpoints, an empty or duplicated image list.
     """
-    text_path = os.fspath(path)
     clash = set(extra_keys) & set(_TOP_KEYS)
     if clash:
         raise ValueError(f"extra_keys {sorted(clash)} are keys of the images config itself")
+    return read_document(
+        path,
+        lambda reader, root: reader.images_config(root, tuple(extra_keys)),
+        example="configs/images.yaml",
+    )
+
+
+def read_document(
+    path: str | os.PathLike[str],
+    build: Callable[[NodeReader, yaml.Node], _T],
+    *,
+    example: str,
+) -> _T:
+    """Compose the YAML file at ``path`` and turn its root node into a value with ``build``.
+
+    Every config file of bmsync goes through here, so each reports problems the same
+    way: one :class:`ConfigError` naming the file, the line and the key. ``example`` is
+    the sample config an empty file is pointed to.
+    """
+    text_path = os.fspath(path)
     try:
         with open(text_path, encoding="utf-8") as stream:
             text = stream.read()
@@ -142,10 +168,8 @@ def load_images_config(
     try:
         root = loader.get_single_node()
         if root is None:
-            raise ConfigError(
-                "empty file", path=text_path, hint="see configs/images.yaml for an example"
-            )
-        return _Reader(text_path, loader).images_config(root, tuple(extra_keys))
+            raise ConfigError("empty file", path=text_path, hint=f"see {example} for an example")
+        return build(NodeReader(text_path, loader), root)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or "syntax error"
@@ -179,7 +203,7 @@ def _child(parent: str, name: str) -> str:
     return f"{parent}.{name}" if parent else name
 
 
-class _Reader:
+class NodeReader:
     """Turns composed nodes into values, raising ConfigError at the offending node."""
 
     def __init__(self, path: str, loader: yaml.SafeLoader) -> None:
@@ -250,6 +274,13 @@ class _Reader:
         assert isinstance(value, int)
         return value
 
+    def boolean(self, node: yaml.Node, key: str) -> bool:
+        if not isinstance(node, yaml.ScalarNode) or node.tag != f"{_YAML_TAG}bool":
+            raise self.error(node, key, f"must be true or false, got {_kind(node)}")
+        value = self.loader.construct_object(node)
+        assert isinstance(value, bool)
+        return value
+
     @staticmethod
     def is_null(node: yaml.Node) -> bool:
         return isinstance(node, yaml.ScalarNode) and node.tag == f"{_YAML_TAG}null"
@@ -302,7 +333,7 @@ class _Reader:
     def release(self, node: yaml.Node) -> str:
         quoted = f'quote it: release: "{node.value}"' if isinstance(node, yaml.ScalarNode) else None
         release = self.string(node, "release", hint=quoted)
-        if len(release) > _MAX_RELEASE_LENGTH or _RELEASE.fullmatch(release) is None:
+        if not valid_release(release):
             raise self.error(
                 node,
                 "release",

@@ -21,7 +21,8 @@ tree to an exit code and a one-line message that says what to do::
     ├── IntegrityError               6  bytes that do not match their digest or size
     ├── StoreError                   7  the on-disk store cannot be used
     ├── NotYetArrived                8  a listed version whose objects are not all there yet
-    └── Conflict                     5  a conditional write lost (the object changed)
+    ├── Conflict                     5  a conditional write lost (the object changed)
+    └── ItemsFailed                     some of many images failed: the first one's code
 
 No message ever holds a secret: registry errors carry the method and the URL with
 its query string stripped, never headers or bodies of requests.
@@ -189,3 +190,12 @@ class Conflict(BmsyncError):
     """A conditional write lost: the object changed (or appeared) since it was read."""
 
     exit_code = 5
+
+
+class ItemsFailed(BmsyncError):
+    """Some of several images (or mirrors) failed. The message names each; the exit
+    code is the first failure's, so a scheduled run exits as the command would."""
+
+    def __init__(self, message: str, exit_code: int, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.exit_code = exit_code

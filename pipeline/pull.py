@@ -24,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,8 +169,10 @@ class _Puller:
         concurrency: int,
         progress: Progress,
         platform_hint: str,
+        pins: Mapping[str, str],
     ) -> None:
         self.store = store
+        self.pins = pins
         self.platform_hint = platform_hint
         # index.json as the run started, read once (an image's entry is only ever
         # replaced by its own pull).
@@ -194,6 +196,7 @@ class _Puller:
         platforms = () if pinned else self.platforms
         wanted = ",".join(str(p) for p in platforms)
 
+        pin = self.pins.get(str(ref))
         entry = self.known.get(name)
         upstream: str | None = None  # of the stored image, when it is whole and reusable
         if entry is not None:
@@ -201,7 +204,7 @@ class _Puller:
             if annotations.get(PLATFORMS, "") == wanted and self._complete(entry["digest"]):
                 upstream = annotations.get(UPSTREAM_DIGEST, entry["digest"])
         if entry is not None and upstream is not None:
-            current = ref.digest or client.head_manifest(
+            current = ref.digest or pin or client.head_manifest(
                 ref.repository, ref.identifier, what=str(ref)
             ).digest
             if current == upstream:
@@ -209,7 +212,7 @@ class _Puller:
                     str(ref), "present", entry["digest"], upstream, entry.get("mediaType")
                 )
 
-        top = client.get_manifest(ref.repository, ref.identifier, what=str(ref))
+        top = client.get_manifest(ref.repository, pin or ref.identifier, what=str(ref))
         upstream_digest = top.digest
         if entry is not None and upstream == upstream_digest:
             # The HEAD did not say (no Docker-Content-Digest): the GET shows it unchanged.
@@ -412,15 +415,21 @@ def pull_images(
     concurrency: int = 8,
     progress: Progress | None = None,
     platform_hint: str = "change the platforms wanted",
+    pins: Mapping[str, str] | None = None,
 ) -> PullReport:
     """Pull ``refs`` into ``store``; never raises for one image's failure (see the report).
 
     ``platform_hint`` ends the message of an image that has none of ``platforms`` (the
-    CLI says where the platforms came from: ``--platform`` or the config).
+    CLI says where the platforms came from: ``--platform`` or the config). ``pins``
+    maps ``str(ref)`` of a tagged reference to the upstream manifest digest resolved
+    earlier (a lock file): that digest is fetched, not whatever the tag points at now,
+    and an image already stored at it costs no request. Unlike a reference written
+    with a digest, a pinned tag is still filtered to ``platforms``.
     """
     started = time.monotonic()
     progress = progress or Progress("pull", enabled=False)
-    puller = _Puller(store, clients, platforms, concurrency, progress, platform_hint)
+    puller = _Puller(store, clients, platforms, concurrency, progress, platform_hint,
+                     pins or {})
     report = PullReport()
     workers = max(1, min(len(refs), concurrency))
     pool = ThreadPoolExecutor(workers, thread_name_prefix="image")

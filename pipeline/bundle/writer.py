@@ -295,8 +295,11 @@ def write_bundle(
     level: int = 3,
     threads: int | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    mtime: int | None = None,
 ) -> BuildResult:
     """Write the archive of ``plan`` and its sidecars into ``out_dir``; see the module doc.
+
+    ``mtime`` stamps every tar member (default: ``SOURCE_DATE_EPOCH``, else 0).
 
     An existing archive of the same name is replaced only once the new one is complete;
     on any failure the temporary files are removed and nothing else changes.
@@ -308,7 +311,8 @@ def write_bundle(
     manifest = plan.manifest
     name = archive_name(manifest.version, compression)
     final = out / name
-    mtime = source_date_epoch() or 0
+    if mtime is None:
+        mtime = source_date_epoch() or 0
     threads = threads or min(4, os.cpu_count() or 2)
 
     if split_size:

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    from pipeline.cli import bundle, containerd, pull, push, transfer, verify
+    from pipeline.cli import bundle, containerd, pull, push, run, transfer, verify
 
     pull.add_parser(sub)
     bundle.add_parser(sub)
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_parsers(sub)
     verify.add_parsers(sub)
     containerd.add_parsers(sub)
+    run.add_parsers(sub)
     return parser
 
 
