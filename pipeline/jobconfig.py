@@ -31,7 +31,13 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ImagesConfig, NodeReader, load_images_config, read_document
+from pipeline.config import (
+    ImagesConfig,
+    NodeReader,
+    load_images_config,
+    read_document,
+    valid_release,
+)
 from pipeline.errors import ConfigError, UsageError
 from pipeline.reference import Mirror, normalize_registry, parse_mirror
 
@@ -82,7 +88,9 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
 
     def local(key: str) -> Path | None:
         value = text(key)
-        return None if value is None else base_dir / os.path.expanduser(value)
+        if value is None:
+            return None
+        return Path(os.path.normpath(base_dir / os.path.expanduser(value)))
 
     work_dir = local("workDir")
     if work_dir is None:
@@ -129,19 +137,33 @@ def object_store_problem(url: str) -> str | None:
 
 
 def check_version_scheme(scheme: str) -> None:
-    """A version scheme uses only :data:`SCHEME_FIELDS` and includes ``{n}`` (so two
-    runs on one day get two versions). Raises UsageError otherwise."""
+    """A version scheme uses only :data:`SCHEME_FIELDS`, each once, without format
+    specs; includes ``{n}`` (so two runs on one day get two versions); and makes names
+    that can name a bundle. Raises UsageError otherwise."""
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(scheme) if f is not None]
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(scheme)
+                  if f is not None]
     except ValueError as e:
         raise UsageError(f"version scheme {scheme!r} is malformed: {e}") from None
+    fields = [f for f, _, _ in parsed]
     unknown = [f for f in fields if f not in SCHEME_FIELDS]
     if unknown:
         raise UsageError(f"version scheme {scheme!r} uses unknown field {{{unknown[0]}}}",
                          hint="use {yyyy}, {mm}, {dd}, {n} and {release}")
+    if any(spec or conv for _, spec, conv in parsed):
+        raise UsageError(f"version scheme {scheme!r} has a format spec or conversion",
+                         hint="write plain fields such as {yyyy}")
+    if len(set(fields)) != len(fields):
+        raise UsageError(f"version scheme {scheme!r} uses a field twice")
     if "n" not in fields:
         raise UsageError(f"version scheme {scheme!r} lacks {{n}}",
                          hint="add {n}: the run number of the day")
+    sample = scheme.format(yyyy="2026", mm="01", dd="31", n=1, release="1.0")
+    if not valid_release(sample):
+        raise UsageError(f"version scheme {scheme!r} makes names such as {sample!r} that"
+                         " cannot name a bundle",
+                         hint="use letters, digits, '.', '_' and '-', starting with a letter"
+                              " or digit")
 
 
 # -- site.yaml ----------------------------------------------------------------------------

@@ -123,8 +123,22 @@ def read_lock(path: Path) -> Lock:
         doc = json.loads(raw)
         if doc.get("mediaType") != LOCK_MEDIA_TYPE or doc.get("schemaVersion") != 1:
             raise ValueError("not a bmsync lock file")
-        images = tuple(PinnedImage(str(i["source"]), str(i["digest"])) for i in doc["images"])
+        version, kind, resolved = doc["version"], doc["kind"], doc["resolved"]
+        platforms = doc["platforms"]
+        if not isinstance(version, str) or not isinstance(kind, str):
+            raise ValueError("version and kind must be strings")
+        if kind not in ("release", "nightly"):
+            raise ValueError(f"unknown kind {kind!r}")
+        if isinstance(resolved, bool) or not isinstance(resolved, int):
+            raise ValueError("resolved must be a whole number of seconds")
+        if not isinstance(platforms, list) or not all(isinstance(p, str) for p in platforms):
+            raise ValueError("platforms must be a list of strings")
+        if not isinstance(doc["images"], list):
+            raise ValueError("images must be a list")
+        images = tuple(PinnedImage(i["source"], i["digest"]) for i in doc["images"])
         for i in images:
+            if not isinstance(i.source, str) or not isinstance(i.digest, str):
+                raise ValueError("image source and digest must be strings")
             parse_reference(i.source)
             if not is_digest(i.digest):
                 raise ValueError(f"invalid digest {i.digest!r}")
@@ -132,8 +146,7 @@ def read_lock(path: Path) -> Lock:
         if base is not None and not (isinstance(base, dict)
                                      and {"kind", "file", "digest"} <= base.keys()):
             raise ValueError("invalid base")
-        return Lock(str(doc["version"]), str(doc["kind"]), int(doc["resolved"]),
-                    tuple(str(p) for p in doc["platforms"]), images, base)
+        return Lock(version, kind, resolved, tuple(platforms), images, base)
     except (ValueError, KeyError, TypeError, AttributeError, BmsyncError) as e:
         raise IntegrityError(f"{path}: not a valid lock file ({e})",
                              hint="delete it to resolve the release again") from None

@@ -21,10 +21,10 @@ from tasks.release import NightlySync, ReleaseBundle
 from tasks.site import ImportBundle
 
 # Luigi's [retcode] defaults are all 0: a failed run would look green to a timer.
-EXIT_TASK_FAILED = 10
-EXIT_MISSING_DATA = 11
-EXIT_NOT_RUN = 12
-EXIT_SCHEDULING = 13
+EXIT_MISSING_DATA = 10
+EXIT_NOT_RUN = 11
+EXIT_SCHEDULING = 12
+EXIT_TASK_FAILED = 13
 
 EXIT_CODES = {
     LuigiStatusCode.SUCCESS: 0,
@@ -78,9 +78,9 @@ def run_job(args: argparse.Namespace) -> int:
     # Our logging (set up by the CLI) stays: Luigi's would print every scheduling step.
     luigi.configuration.get_config().set("core", "no_configure_logging", "true")
     if args.scheduler_url:
+        # Workers of other processes (or machines) may take some of the tasks; this
+        # process exits once nothing is left that it could run.
         params["scheduler_url"] = args.scheduler_url
-        # Wait for tasks that other workers run, instead of leaving them "pending".
-        luigi.configuration.get_config().set("worker", "keep_alive", "true")
     else:
         params["local_scheduler"] = True
     result = luigi.build([task], **params)

@@ -27,8 +27,8 @@ def add_parsers(sub: Any) -> None:
         description=(
             "Run a job as a Luigi DAG. Every step's result is a target (lock file, archive,"
             " catalog entry, mirror tags, report), so a re-run after a failure does only"
-            " what is left. Exit codes: 0 done; 10 a task failed; 11 missing input;"
-            " 12 tasks left pending; 13 scheduling failed; 8 (import) not yet arrived."
+            " what is left. Exit codes: 0 done; 13 a task failed; 10 missing input;"
+            " 11 tasks left pending; 12 scheduling failed; 8 (import) not yet arrived."
         ),
     )
     verbosity(run, argparse.SUPPRESS)
