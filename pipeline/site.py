@@ -90,6 +90,8 @@ def verify_fetched(site: SiteConfig, version: str) -> None:
 
     report = verify_bundle(fetched_archive(site, version), require_sidecar=True)
     _write_json(site.version_dir(version) / VERIFIED, report.to_json())
+    log.info("verified %s: %d blobs match their digests, %d images complete", report.archive,
+             report.blobs, len(report.manifest.images))
 
 
 def credential(m: SiteMirror) -> Credential | None:
@@ -173,6 +175,8 @@ def verify_pushed(site: SiteConfig, version: str, mirror_url: str, *,
                              hint="run the import again to push what is missing")
     path = verification_path(site, version, mirror_url)
     _write_json(path, report.to_json())
+    log.info("verified %s: it serves all %d images of %s", m.mirror, len(report.images),
+             version)
     return path
 
 
@@ -212,6 +216,8 @@ def write_containerd(site: SiteConfig) -> list[str]:
     if out is None:
         return []
     changes = write_config(containerd_settings(site), out.out, install_dir=out.install_dir)
+    written = [c for c in changes if c.status != "unchanged"]
+    log.info("wrote the node config into %s: %d files new or changed", out.out, len(written))
     return [f"{c.status} {c.path}" for c in changes]
 
 

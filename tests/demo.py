@@ -1,15 +1,17 @@
 """`make demo`: the main job end to end on the embedded default, with nothing but loopback.
 
 1. starts a local ``docker-registry`` standing in for gcr.io and seeds it with generated
-   images (the same generator the tests and benchmarks use);
-2. writes ``demo-work/images.yaml`` pointing gcr.io at that registry;
-3. runs ``bmsync pull`` twice (cold, then warm) into ``demo-work/store``;
-4. cuts the release's archive with ``bmsync bundle build`` and inspects it;
-5. publishes it to a ``file://`` object store, then, as the site, fetches and verifies it;
-6. pushes it into a second local registry standing in for the site's mirror (namespace
-   ``test-namespace``), twice: the second push moves nothing; verifies the mirror and
-   writes the nodes' containerd, CRI-O and cluster configuration for it;
-7. reads the mirror and the extracted layout back with skopeo, the independent reader.
+   images named ``gcr.io/...`` (the endpoint override of the config), and a second one
+   standing in for the site's mirror (namespace ``test-namespace``);
+2. writes ``demo-work/pipeline.yaml`` (the connected side) and ``demo-work/site.yaml``
+   (the disconnected site), with a ``file://`` object store between them;
+3. runs the Luigi DAG ``ReleaseBundle`` (``bmsync run release``): resolve and pin the
+   tags, pull each image, build ``bmpackages_demo.tar.zst``, publish it; then again,
+   which does nothing;
+4. runs ``ImportBundle`` (``bmsync run import``): fetch, verify, push into the mirror,
+   verify the mirror, write the nodes' containerd config; then again, which moves nothing;
+5. checks the mirror with ``bmsync verify`` and with skopeo, the independent reader, and
+   prints a summary of what was built, where, and what to look at.
 
 Every command is printed before it runs, so the output doubles as a walkthrough.
 The registries are stopped at the end, whatever happens.
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import shutil
 import subprocess
 import sys
@@ -37,8 +38,9 @@ def _show(cmd: list[str]) -> None:
     print(f"\n$ {' '.join(shown)}", flush=True)
 
 
-def _run(cmd: list[str], *, echo: bool = True) -> str:
-    _show(cmd)
+def _run(cmd: list[str], *, echo: bool = True, show: bool = True) -> str:
+    if show:
+        _show(cmd)
     done = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
     # Log lines (stderr) first, then the summary they lead to.
     sys.stdout.write(done.stderr)
@@ -70,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         seeded = seed_image_set(registry.url, images=args.images, total_mb=args.mb, seed=7)
         print(f"   seeded {len(seeded)} generated images"
               f" ({sum(i.content_size for i in seeded) / 1e6:.0f} MB with shared layers)")
+        print(f"== a second one stands in for the site's mirror at {mirror.url}")
 
-        config = work / "images.yaml"
+        objects = f"file://{work / 'objects'}"
+        config = work / "pipeline.yaml"
         lines = [
             "# Written by `make demo`: gcr.io is served by a local registry.",
             "version: 1",
@@ -80,77 +84,82 @@ def main(argv: list[str] | None = None) -> int:
             "  gcr.io:",
             f"    endpoint: {registry.url}",
             "images:",
-        ] + [f"  - gcr.io/{img.reference}" for img in seeded]
+            *[f"  - gcr.io/{img.reference}" for img in seeded],
+            "workDir: connected            # lock files and archives, per version",
+            "store: store                  # the shared OCI store",
+            f"objectStore: {objects}",
+        ]
         config.write_text("\n".join(lines) + "\n")
-        print(f"\n== the release's images config ({config.relative_to(ROOT)})")
+        print(f"\n== the connected side's config ({config.relative_to(ROOT)})")
         print(config.read_text(), end="")
 
-        store = work / "store"
-        print("\n== pull the release into the shared store (cold)")
-        _run([bmsync, "pull", "--config", str(config), "--store", str(store)])
-        print("\n== pull again: nothing moves, one request per image")
-        _run([bmsync, "pull", "--config", str(config), "--store", str(store)])
-
-        out = work / "out"
-        print("\n== cut the release's archive (the store is warm: nothing is pulled)")
-        _run([bmsync, "-q", "bundle", "build", "--config", str(config), "--store", str(store),
-              "--out", str(out)])
-        archive = out / "bmpackages_demo.tar.zst"
-        print("\n== what is in it, read from bundle.json alone")
-        _run([bmsync, "bundle", "inspect", str(archive)])
-        objects = f"file://{work / 'objects'}"
-        print("\n== publish it to object storage (file://: no server needed)")
-        _run([bmsync, "publish", str(archive), "--to", objects])
+        print("\n== cut and publish the release: ReleaseBundle (resolve, pull, build, publish)")
+        _run([bmsync, "run", "release", "--config", str(config), "--workers", "2"])
+        print("\n== again: every step's target exists, so nothing runs")
+        _run([bmsync, "run", "release", "--config", str(config)])
+        archive = work / "connected" / "demo" / "bmpackages_demo.tar.zst"
+        print("\n== what was published, and what is in it (read from bundle.json alone)")
         _run([bmsync, "catalog", "--from", objects])
+        _run([bmsync, "bundle", "inspect", str(archive)])
 
-        print("\n== the disconnected site: fetch the latest version, verified")
-        site = work / "site"
-        _run([bmsync, "fetch", "--from", objects, "--release", "latest", "--to", str(site)])
-        archive = site / "bmpackages_demo.tar.zst"
-        print("\n== check every byte against the sidecar and bundle.json")
-        _run([bmsync, "bundle", "verify", str(archive)])
-        print("\n== unpack it into a standard OCI layout")
-        layout = work / "layout"
-        _run([bmsync, "bundle", "extract", str(archive), "--to", str(layout)])
+        target = f"http://{mirror.host}/test-namespace"
+        site = work / "site.yaml"
+        site.write_text("\n".join([
+            "# Written by `make demo`: the disconnected site.",
+            "version: 1",
+            f"objectStore: {objects}     # after the air gap",
+            "workDir: site                 # fetched archives and step reports",
+            "mirrors:",
+            f"  - url: {target}",
+            "    needCredential: false",
+            "containerd:",
+            "  out: node-config            # what nodes get: certs.d/, config.toml, ...",
+        ]) + "\n")
+        print(f"\n== the disconnected site's config ({site.relative_to(ROOT)})")
+        print(site.read_text(), end="")
+        print("\n== import the latest version: ImportBundle (fetch, verify, push, verify,"
+              " containerd config)")
+        _run([bmsync, "run", "import", "--config", str(site)])
+        print("\n== again: the mirror already serves every tag, nothing moves")
+        mark = mirror.mark()
+        _run([bmsync, "run", "import", "--config", str(site)])
+        writes = [e for e in mirror.since(mark) if e.method in ("PUT", "POST", "PATCH")]
+        print(f"   the mirror's access log: {len(writes)} writes during the second import")
+        if writes:
+            raise SystemExit("demo: the second import wrote to the mirror")
 
-        print(f"\n== push into the site's mirror (a second local registry, {mirror.url})")
-        target = f"--private-registry=http://{mirror.host}/test-namespace"
-        _run([bmsync, "push", "images", f"--source={archive}", target,
-              "--need-credential=false"])
-        print("\n== push again: one request per image, nothing moves")
-        _run([bmsync, "push", "images", f"--source={archive}", target,
-              "--need-credential=false"])
-
+        fetched = work / "site" / "demo" / "bmpackages_demo.tar.zst"
         print("\n== check that the mirror holds exactly the bundle")
-        _run([bmsync, "verify", f"--source={archive}", target, "--need-credential=false"])
-        print("\n== the nodes' configuration: containerd hosts.toml, config.toml, CRI-O, cluster")
-        _run([bmsync, "containerd", "config", target, "--out", str(work / "node-config")])
+        _run([bmsync, "verify", f"--source={fetched}", f"--private-registry={target}",
+              "--need-credential=false"])
 
-        oci = next((i for i in seeded if "oci" in i.media_type), seeded[0])
-        ref = f"gcr.io/{oci.reference}"
-        print("\n== skopeo reads the mirror: the digest is upstream's")
-        raw = _run(["skopeo", "inspect", "--raw", "--tls-verify=false",
-                    f"docker://{mirror.host}/test-namespace/{oci.reference}"], echo=False)
-        mirrored = "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
-        print(f"   digest in the mirror:   {mirrored}")
-        print(f"   digest pushed upstream: {oci.digest}")
-        if mirrored != oci.digest:
-            raise SystemExit("demo: the mirror does not serve the upstream digest")
-        print("\n== skopeo reads the unpacked archive as a standard OCI layout")
-        raw = _run(["skopeo", "inspect", "--raw", f"oci:{layout}:{ref}"], echo=False)
-        read_back = "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
-        media = json.loads(raw).get("mediaType")
-        print(f"   {media}, {len(json.loads(raw)['layers'])} layers")
-        print(f"   digest read back by skopeo: {read_back}")
-        print(f"   digest pushed upstream:     {oci.digest}")
-        if read_back != oci.digest:
-            raise SystemExit("demo: the archive does not hold the upstream bytes")
+        print("\n== skopeo, the independent reader, compares the mirror with gcr.io's stand-in")
+        for img in seeded:
+            raw = _run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                        f"docker://{mirror.host}/test-namespace/{img.reference}"],
+                       echo=False, show=False)
+            mirrored = "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+            if mirrored != img.digest:
+                raise SystemExit(f"demo: the mirror serves {mirrored} for {img.reference},"
+                                 f" not {img.digest}")
+            print(f"   gcr.io/{img.reference}  {mirrored[:19]}...  same digest")
+        hosts = work / "node-config" / "certs.d" / "gcr.io" / "hosts.toml"
+        print(f"\n== what nodes get: {hosts.relative_to(ROOT)}")
+        print(hosts.read_text(), end="")
     finally:
         registry.close()
         mirror.close()
-    print(f"\ndemo done: in {work.relative_to(ROOT)}/: images.yaml, store/, out/ (the archive"
-          " and its sidecars), objects/ (the object store), site/ (what the site fetched),"
-          " layout/; the registries have been stopped.")
+    rel = work.relative_to(ROOT)
+    print(f"""
+demo done; the registries have been stopped. Look at, in {rel}/:
+  pipeline.yaml, site.yaml      the two configs (see configs/ for annotated examples)
+  connected/demo/lock.json      the digests the release pinned
+  connected/demo/               bmpackages_demo.tar.zst with its .sha256 and .bundle.json
+  store/                        the shared OCI store (skopeo reads it: oci:{rel}/store:REF)
+  objects/                      the object store: catalog.json and demo/
+  site/demo/                    what the site fetched, and its verify and mirror reports
+  node-config/                  certs.d/gcr.io/hosts.toml, config.toml, registries.conf, ...
+{len(seeded)} images: the mirror serves each with the digest gcr.io's stand-in has.""")
     return 0
 
 
