@@ -201,9 +201,15 @@ def bench_transfer(lab: Lab) -> list[Row]:
     return run(lab)
 
 
+def bench_dag(lab: Lab) -> list[Row]:
+    from bench.dag import bench_dag as run
+
+    return run(lab)
+
+
 BENCHMARKS: dict[str, Callable[[Lab], list[Row]]] = {
     "pull": bench_pull, "bundle": bench_bundle, "push": bench_push,
-    "transfer": bench_transfer,
+    "transfer": bench_transfer, "dag": bench_dag,
 }
 
 
@@ -239,6 +245,11 @@ def _report(name: str, rows: list[Row]) -> None:
         from bench.transfer import summary as transfer_summary
 
         for line in transfer_summary(rows):
+            print(line)
+    if name == "dag":
+        from bench.dag import summary as dag_summary
+
+        for line in dag_summary(rows):
             print(line)
 
 
