@@ -401,3 +401,32 @@ def test_central_scheduler_with_several_workers_fetches_each_blob_once(
     assert len(pulls) == len(REPOS)
     assert any(t.startswith("PublishBundle") for t in done)
     assert file_catalog(tmp / "obj")["latest"] == "1.0.0"
+
+
+def test_nightly_delta_against_a_site_inventory(
+    tmp: Path, upstream: Upstream, registry_factory: RegistryFactory,
+) -> None:
+    objects_dir = tmp / "objects"
+    images: list[Any] = [{"name": "gcr.io/anthos-baremetal-release/alpha", "tags": ["1.*"]}]
+    cfg = pipeline_yaml(tmp / "pipeline.yaml", upstream.registry.url, f"file://{objects_dir}",
+                        images=images)
+    ok(run("run", "nightly", "--config", str(cfg), "--date", "2026-11-21"))
+    mirror = registry_factory()
+    site = site_yaml(tmp / "site.yaml", f"file://{objects_dir}", mirror)
+    ok(run("run", "import", "--config", str(site)))
+    # What the site reports back across the gap: the digests its mirror holds.
+    inventory = tmp / "inventory.json"
+    ok(run("inventory", f"--private-registry=http://{mirror.host}/test-namespace",
+           "--need-credential=false", "--out", str(inventory)))
+
+    cfg = pipeline_yaml(tmp / "pipeline.yaml", upstream.registry.url, f"file://{objects_dir}",
+                        images=images, baseInventory=str(inventory))
+    digest, own = upstream.push("alpha", "1.1")
+    ok(run("run", "nightly", "--config", str(cfg), "--date", "2026-11-21"))
+    version = "2026.11.21.2"
+    entry = file_catalog(objects_dir)["versions"][version]
+    assert entry["base"]["kind"] == "inventory"
+    delta = json.loads((objects_dir / version / f"bmpackages_{version}.bundle.json").read_text())
+    assert {d for d, b in delta["blobs"].items() if b["inArchive"]} == own
+    ok(run("run", "import", "--config", str(site)))
+    assert mirror_digest(mirror, "alpha", "1.1") == digest
