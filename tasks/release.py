@@ -122,8 +122,8 @@ class NightlySync(BmsyncTask):
     """
 
     config = luigi.Parameter(description="pipeline.yaml")
-    date = luigi.DateParameter(default=datetime.date.today(),
-                               description="the day the version is named after")
+    date = luigi.DateParameter(default=datetime.datetime.now(datetime.UTC).date(),
+                               description="the day the version is named after (UTC)")
 
     def complete(self) -> bool:
         return bool(getattr(self, "_done", False))
