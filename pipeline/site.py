@@ -39,12 +39,12 @@ def objects(site: SiteConfig) -> ObjectStore:
 
 
 def latest_version(site: SiteConfig) -> str:
-    """The catalog's latest version; NotFound when nothing is published."""
+    """The catalog's latest version; NotYetArrived (exit 8) when it lists none."""
     store = objects(site)
     latest = read_catalog(store).latest
     if latest is None:
-        raise NotFound(f"{store.url}: no catalog.json, or it lists no version",
-                       hint="wait for the first bundle to arrive")
+        raise NotYetArrived(f"{store.url}: no catalog.json yet, or it lists no version",
+                            hint="try again once the first bundle has arrived")
     return latest
 
 
@@ -58,6 +58,10 @@ def fetch_version(site: SiteConfig, version: str) -> FetchReport:
     then record it in ``fetched.json`` (the step's result)."""
     folder = site.version_dir(version)
     report = fetch(objects(site), version, folder)
+    if not (folder / sidecar_manifest_name(version)).is_file():
+        # Everything after reads it: the step is not done until it is here.
+        raise NotYetArrived(f"{site.object_store}: {version}/{sidecar_manifest_name(version)}"
+                            " has not arrived yet", hint="try again later")
     _write_json(folder / FETCHED, report.to_json())
     log.info("fetched %s into %s", version, folder)
     return report
@@ -225,11 +229,16 @@ def check_arrived(site: SiteConfig, version: str) -> None:
     """Raise NotYetArrived (exit 8) unless the catalog lists ``version`` and its
     checksum sidecar and every file it lists are in the site's object store."""
     store = objects(site)
-    entry = read_catalog(store).versions.get(version)
+    catalog = read_catalog(store)
+    entry = catalog.versions.get(version)
     if entry is None:
-        raise NotFound(f"{store.url}: version {version} is not in the catalog")
+        known = ", ".join(sorted(catalog.versions)) or "none"
+        raise NotYetArrived(f"{store.url}: the catalog does not list {version} (yet);"
+                            f" it lists: {known}", hint="check the version, or try again later")
     name = str(entry.get("archive", ""))
-    for f in [f"{name}.sha256", *(str(f) for f in entry.get("files", []))]:
+    wanted = [f"{name}.sha256", sidecar_manifest_name(version),
+              *(str(f) for f in entry.get("files", []))]
+    for f in wanted:
         if store.head(f"{version}/{f}") is None:
             raise NotYetArrived(f"{store.url}: {version}/{f} has not arrived yet",
                                 hint="try again later")

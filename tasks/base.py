@@ -13,13 +13,40 @@ import luigi
 from pipeline.errors import BmsyncError
 from pipeline.jobconfig import PipelineConfig, SiteConfig, load_pipeline_config, load_site_config
 
+BROKEN: list[BmsyncError] = []
+"""Errors raised while Luigi decided what to run (in ``complete()`` or ``requires()``),
+in this process; ``bmsync run`` exits with the first one's code."""
+
+
+class ReportedError(Exception):
+    """Raised in place of a BmsyncError already reported in one line (see ``complete``)."""
+
+
+def report_broken(task: object, error: BmsyncError) -> None:
+    BROKEN.append(error)
+    print(f"bmsync: error: {task}: {error}", file=sys.stderr, flush=True)
+
 
 class BmsyncTask(luigi.Task):
     """A task whose failures read like the command line's: one ``bmsync: error:`` line.
 
     The line goes to stderr from the process that ran the task (a worker process
-    when ``--workers`` > 1) and is the explanation the scheduler shows.
+    when ``--workers`` > 1) and is the explanation the scheduler shows. A
+    BmsyncError while checking whether the task is complete (a mirror refusing the
+    credentials, an object store out of reach) is reported the same way, instead of
+    Luigi's traceback.
     """
+
+    def complete(self) -> bool:
+        return self.checked(super().complete)
+
+    def checked(self, check: Callable[[], bool]) -> bool:
+        """``check()``, with a BmsyncError reported in one line (see the class doc)."""
+        try:
+            return check()
+        except BmsyncError as e:
+            report_broken(self, e)
+            raise ReportedError(str(e)) from None
 
     def on_failure(self, exception: BaseException) -> str:
         if isinstance(exception, BmsyncError):
@@ -28,6 +55,16 @@ class BmsyncTask(luigi.Task):
             return line
         text: str = super().on_failure(exception)
         return text
+
+
+class VersionParameter(luigi.Parameter):
+    """A bundle version: it names a folder and files, so it is checked on the way in
+    (Luigi's command line too): ``../x`` never leaves the work folder."""
+
+    def normalize(self, x: object) -> str:
+        from pipeline.release import check_version
+
+        return check_version(str(x))
 
 
 class CheckTarget(luigi.Target):
@@ -71,14 +108,25 @@ def site_config(path: str) -> SiteConfig:
     return _site_config(path, _mtime(path))
 
 
+@luigi.Task.event_handler(luigi.Event.BROKEN_TASK)
+def _broken(task: luigi.Task, exception: BaseException) -> None:
+    """``requires()`` raised (e.g. no published version to import)."""
+    if isinstance(exception, BmsyncError):
+        report_broken(task, exception)
+
+
 class _QuietBmsyncErrors(logging.Filter):
-    """Luigi logs a failed task with its traceback; for a BmsyncError the one-line
-    message says everything (and BmsyncTask.on_failure prints it)."""
+    """Luigi logs a failed task, or one whose ``complete()``/``requires()`` raised,
+    with a traceback; for a BmsyncError the ``bmsync: error:`` line printed already
+    says everything, so those records are dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], BmsyncError):
-            record.exc_info = None
-            record.exc_text = None
+            return False
+        text = record.getMessage()
+        if text.startswith("Will not run") and (
+                "ReportedError" in text or "pipeline.errors." in text):
+            return False
         return True
 
 

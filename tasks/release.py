@@ -14,6 +14,7 @@ from pipeline.release import (
     PinnedImage,
     build_release,
     bundle_paths,
+    check_version,
     is_published,
     is_pulled,
     lock_path,
@@ -23,7 +24,7 @@ from pipeline.release import (
     resolve_release,
 )
 from pipeline.store import Store
-from tasks.base import BmsyncTask, CheckTarget, pipeline_config
+from tasks.base import BmsyncTask, CheckTarget, VersionParameter, pipeline_config
 
 log = logging.getLogger("bmsync.tasks")
 
@@ -32,7 +33,7 @@ class ResolveRelease(BmsyncTask):
     """Pin every image of the config to a digest: ``<workDir>/<version>/lock.json``."""
 
     config = luigi.Parameter(description="pipeline.yaml")
-    version = luigi.Parameter(description="the bundle version")
+    version = VersionParameter(description="the bundle version")
 
     def output(self) -> luigi.LocalTarget:
         return luigi.LocalTarget(str(lock_path(pipeline_config(self.config), self.version)))
@@ -53,9 +54,12 @@ class PullImage(BmsyncTask):
         return tuple(p for p in self.platforms.split(",") if p)
 
     def complete(self) -> bool:
-        cfg = pipeline_config(self.config)
-        return is_pulled(Store(cfg.store), PinnedImage(self.source, self.digest),
-                         self._platforms())
+        def pulled() -> bool:
+            cfg = pipeline_config(self.config)
+            return is_pulled(Store(cfg.store), PinnedImage(self.source, self.digest),
+                             self._platforms())
+
+        return self.checked(pulled)
 
     def run(self) -> None:
         pull_pinned(pipeline_config(self.config), PinnedImage(self.source, self.digest),
@@ -66,7 +70,7 @@ class BuildBundle(BmsyncTask):
     """The archive of a locked version; pulls its images first (dynamic dependencies)."""
 
     config = luigi.Parameter(description="pipeline.yaml")
-    version = luigi.Parameter(description="the bundle version")
+    version = VersionParameter(description="the bundle version")
 
     def requires(self) -> ResolveRelease:
         return ResolveRelease(config=self.config, version=self.version)
@@ -88,7 +92,7 @@ class PublishBundle(BmsyncTask):
     """The archive in the object store, listed in its catalog (the catalog goes last)."""
 
     config = luigi.Parameter(description="pipeline.yaml")
-    version = luigi.Parameter(description="the bundle version")
+    version = VersionParameter(description="the bundle version")
 
     def requires(self) -> BuildBundle:
         return BuildBundle(config=self.config, version=self.version)
@@ -110,7 +114,7 @@ class ReleaseBundle(luigi.WrapperTask):
 
     def requires(self) -> PublishBundle:
         version = self.release or pipeline_config(self.config).images.release
-        return PublishBundle(config=self.config, version=version)
+        return PublishBundle(config=self.config, version=check_version(version))
 
 
 class NightlySync(BmsyncTask):
@@ -118,7 +122,10 @@ class NightlySync(BmsyncTask):
 
     Never complete: every run asks the registries what changed. When nothing did, it
     publishes nothing; otherwise it publishes the next ``versionScheme`` version, full
-    or a delta (see :mod:`pipeline.nightly`).
+    or a delta (see :mod:`pipeline.nightly`). ``bmsync run nightly`` plans before Luigi
+    starts and schedules the PublishBundle itself; this task is for Luigi's own command
+    line, where with ``--workers`` > 1 Luigi runs ``run()`` again in a new process after
+    the dynamic dependency, which plans again (and finds the version just published).
     """
 
     config = luigi.Parameter(description="pipeline.yaml")

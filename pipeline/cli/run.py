@@ -27,8 +27,10 @@ def add_parsers(sub: Any) -> None:
         description=(
             "Run a job as a Luigi DAG. Every step's result is a target (lock file, archive,"
             " catalog entry, mirror tags, report), so a re-run after a failure does only"
-            " what is left. Exit codes: 0 done; 13 a task failed; 10 missing input;"
-            " 11 tasks left pending; 12 scheduling failed; 8 (import) not yet arrived."
+            " what is left. Exit codes: 0 done; 13 a task failed (its error is printed);"
+            " 11 tasks left pending; 12 scheduling failed; 15 another run is in progress;"
+            " 8 (import) not yet arrived; 2-7 as for the other commands, when a check"
+            " before a task runs fails (see the README's table)."
         ),
     )
     verbosity(run, argparse.SUPPRESS)

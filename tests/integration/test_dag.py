@@ -9,9 +9,11 @@ of the archives (sha256 against the catalog).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -430,3 +432,61 @@ def test_nightly_delta_against_a_site_inventory(
     assert {d for d, b in delta["blobs"].items() if b["inArchive"]} == own
     ok(run("run", "import", "--config", str(site)))
     assert mirror_digest(mirror, "alpha", "1.1") == digest
+
+
+def test_reimport_pushes_again_what_the_mirror_lost_and_runs_do_not_overlap(
+    tmp: Path, upstream: Upstream, registry_factory: RegistryFactory,
+) -> None:
+    objects_dir = tmp / "objects"
+    cfg = pipeline_yaml(tmp / "pipeline.yaml", upstream.registry.url, f"file://{objects_dir}")
+    ok(run("run", "release", "--config", str(cfg)))
+    mirror = registry_factory()
+    site = site_yaml(tmp / "site.yaml", f"file://{objects_dir}", mirror)
+    ok(run("run", "import", "--config", str(site)))
+
+    # The mirror loses a tag (an operator's mistake, a restored backup).
+    tags = (mirror.root / "docker" / "registry" / "v2" / "repositories" / "test-namespace"
+            / "anthos-baremetal-release" / "beta" / "_manifests" / "tags" / "1.0")
+    shutil.rmtree(tags)
+    mark = mirror.mark()
+    ok(run("run", "import", "--config", str(site)))
+    assert mirror_digest(mirror, "beta", "1.0") == upstream.digests["beta:1.0"]
+    assert [e for e in writes(mirror.since(mark)) if "/manifests/" in e.path]
+
+    # A second run in the same work folder while one holds it: refused, exit 15.
+    with open(tmp / "work" / ".bmsync-run.lock", "a+b") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        busy = run("run", "release", "--config", str(cfg))
+    assert busy.code == 15, busy.output
+    assert "another bmsync run is in progress" in busy.stderr
+
+
+def test_checks_before_any_task_fail_with_one_line_and_their_code(
+    tmp: Path, upstream: Upstream, registry_factory: RegistryFactory,
+) -> None:
+    objects_dir = tmp / "objects"
+    cfg = pipeline_yaml(tmp / "pipeline.yaml", upstream.registry.url, f"file://{objects_dir}")
+    ok(run("run", "release", "--config", str(cfg)))
+    mirror = registry_factory(auth="basic")
+    site = site_yaml(tmp / "site.yaml", f"file://{objects_dir}", mirror, mirrors=[{
+        "url": f"http://{mirror.host}/test-namespace", "usernameEnv": "MIRROR_USER",
+        "passwordEnv": "MIRROR_PASSWORD"}])
+    bad = {"MIRROR_USER": "alice", "MIRROR_PASSWORD": "not-her-password"}
+    # In a task: the task fails (13), with its one line.
+    first = run("run", "import", "--config", str(site), env=bad)
+    assert first.code == 13, first.output
+    assert "rejected the credentials of user 'alice'" in first.stderr
+    ok(run("run", "import", "--config", str(site),
+           env={"MIRROR_USER": "alice", "MIRROR_PASSWORD": "wonderland-pass"}))
+    # In the check of what is done already (the mirror is asked): that error's code.
+    wrong = run("run", "import", "--config", str(site), env=bad)
+    assert wrong.code == 3, wrong.output
+    assert "Traceback" not in wrong.output and "not-her-password" not in wrong.output
+    assert wrong.stderr.count("bmsync: error:") == 1, wrong.stderr
+
+    started = time.monotonic()
+    gone = run("run", "release", "--config", str(cfg), "--scheduler-url",
+               "http://127.0.0.1:1/")
+    assert gone.code == 4, gone.output
+    assert "cannot reach the scheduler at http://127.0.0.1:1/" in gone.stderr
+    assert time.monotonic() - started < 30
