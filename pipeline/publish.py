@@ -15,7 +15,8 @@ listed. Re-publishing the same archive uploads nothing; another archive under a
 published version is refused.
 
 Fetch trusts only the sidecar objects (transfer systems reorder objects and drop
-metadata): every file is downloaded under a ``.partial`` name (resuming), hashed
+metadata): every file is downloaded under a ``.partial`` name (resuming from the record
+of ranges beside it, see ``pipeline.objstore``), hashed while it arrives, checked
 against the ``.sha256`` sidecar and the catalog's digest, and renamed into place only
 then. A catalog that names a version whose objects have not all arrived yet raises
 :class:`NotYetArrived` (its own exit code) so a timer can simply try again.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -38,7 +40,9 @@ from pipeline.bundle.reader import open_bundle
 from pipeline.bundle.split import find_parts
 from pipeline.bundle.verify import parse_sums, read_sidecar
 from pipeline.errors import Conflict, IntegrityError, NotFound, NotYetArrived, UsageError
-from pipeline.objstore import ObjectInfo, ObjectStore
+from pipeline.objstore import Downloaded, ObjectInfo, ObjectStore, discard_partial
+
+log = logging.getLogger("bmsync.publish")
 
 CATALOG = "catalog.json"
 CATALOG_SCHEMA = 1
@@ -280,28 +284,21 @@ def fetch(store: ObjectStore, release: str, to: Path, *,
                 on_bytes(info.size)
             continue
         partial = to / f".{f}.partial"
-        if partial.exists() and partial.stat().st_size > info.size:
-            partial.unlink()
-        before = partial.stat().st_size if partial.exists() else 0
-        if on_bytes and before:
-            on_bytes(before)
-        # Hashed while it arrives (after the bytes a previous run left), not re-read.
-        hasher = _hash_prefix(partial) if before else hashlib.sha256()
-        try:
-            store.download(f"{v}/{f}", partial, info=info, on_bytes=on_bytes,
-                           on_data=hasher.update)
-        except Conflict:
-            partial.unlink(missing_ok=True)  # replaced on the server: start over
-            info = store.head(f"{v}/{f}") or info
-            hasher = hashlib.sha256()
-            store.download(f"{v}/{f}", partial, info=info, on_bytes=on_bytes,
-                           on_data=hasher.update)
-        report.bytes += info.size - before
-        actual = hasher.hexdigest()
-        if actual != want:
-            partial.unlink(missing_ok=True)
+        got_file = _download(store, f"{v}/{f}", partial, info, on_bytes)
+        report.bytes += got_file.fetched
+        if got_file.sha256 != want and got_file.kept:
+            # Resumed from a record that named bytes the disk does not hold (the machine
+            # stopped before they were written back): start this file over, once.
+            log.warning("%s/%s/%s: the resumed download does not verify; downloading it"
+                        " again", store.url, v, f)
+            discard_partial(partial)
+            got_file = _download(store, f"{v}/{f}", partial, info, on_bytes)
+            report.bytes += got_file.fetched
+        if got_file.sha256 != want:
+            discard_partial(partial)
             raise IntegrityError(
-                f"{store.url}/{v}/{f}: sha256 {actual} does not match {want} in the sidecar",
+                f"{store.url}/{v}/{f}: sha256 {got_file.sha256} does not match {want} in the"
+                " sidecar",
                 hint="the object was damaged in storage or transfer; publish it again",
             )
         os.replace(partial, final)
@@ -316,15 +313,24 @@ def fetch(store: ObjectStore, release: str, to: Path, *,
     return report
 
 
+def _download(store: ObjectStore, key: str, partial: Path, info: ObjectInfo,
+              on_bytes: Callable[[int], None] | None) -> Downloaded:
+    """``store.download`` of ``key`` into ``partial``, resuming what an earlier run left;
+    an object replaced since ``info`` was read (Conflict) is downloaded afresh, once."""
+    try:
+        return store.download(key, partial, info=info, on_bytes=on_bytes)
+    except Conflict:
+        # download() removed the partial: the new object's bytes start from zero.
+        now = store.head(key)
+        if now is None:
+            raise NotYetArrived(f"{store.url}/{key} is gone", hint="try again later") from None
+        return store.download(key, partial, info=now, on_bytes=on_bytes)
+
+
 def _write(path: Path, data: bytes) -> None:
     from pipeline.store import atomic_write
 
     atomic_write(path, data)
-
-
-def _hash_prefix(path: Path) -> Any:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256")
 
 
 def _sha256(path: Path) -> str:
