@@ -356,12 +356,20 @@ def test_nightly_versions_deltas_and_site_import_order(
     assert mirror_digest(mirror, "beta", "1.0") == moved
 
 
-def test_import_of_a_version_not_yet_arrived_exits_8(
-    tmp: Path, upstream: Upstream, registry_factory: RegistryFactory,
-) -> None:
+@pytest.fixture
+def released(tmp: Path, upstream: Upstream) -> tuple[Path, Path]:
+    """Release 1.0.0 of the four images published to ``tmp/objects`` (file://); returns
+    the object store's folder and the pipeline.yaml."""
     objects_dir = tmp / "objects"
     cfg = pipeline_yaml(tmp / "pipeline.yaml", upstream.registry.url, f"file://{objects_dir}")
     ok(run("run", "release", "--config", str(cfg)))
+    return objects_dir, cfg
+
+
+def test_import_of_a_version_not_yet_arrived_exits_8(
+    tmp: Path, released: tuple[Path, Path], registry_factory: RegistryFactory,
+) -> None:
+    objects_dir, cfg = released
     # The transfer system delivered the catalog before the archive.
     (objects_dir / "1.0.0" / "bmpackages_1.0.0.tar.zst").unlink()
     mirror = registry_factory()
@@ -435,11 +443,10 @@ def test_nightly_delta_against_a_site_inventory(
 
 
 def test_reimport_pushes_again_what_the_mirror_lost_and_runs_do_not_overlap(
-    tmp: Path, upstream: Upstream, registry_factory: RegistryFactory,
+    tmp: Path, upstream: Upstream, released: tuple[Path, Path],
+    registry_factory: RegistryFactory,
 ) -> None:
-    objects_dir = tmp / "objects"
-    cfg = pipeline_yaml(tmp / "pipeline.yaml", upstream.registry.url, f"file://{objects_dir}")
-    ok(run("run", "release", "--config", str(cfg)))
+    objects_dir, cfg = released
     mirror = registry_factory()
     site = site_yaml(tmp / "site.yaml", f"file://{objects_dir}", mirror)
     ok(run("run", "import", "--config", str(site)))
@@ -462,11 +469,9 @@ def test_reimport_pushes_again_what_the_mirror_lost_and_runs_do_not_overlap(
 
 
 def test_checks_before_any_task_fail_with_one_line_and_their_code(
-    tmp: Path, upstream: Upstream, registry_factory: RegistryFactory,
+    tmp: Path, released: tuple[Path, Path], registry_factory: RegistryFactory,
 ) -> None:
-    objects_dir = tmp / "objects"
-    cfg = pipeline_yaml(tmp / "pipeline.yaml", upstream.registry.url, f"file://{objects_dir}")
-    ok(run("run", "release", "--config", str(cfg)))
+    objects_dir, cfg = released
     mirror = registry_factory(auth="basic")
     site = site_yaml(tmp / "site.yaml", f"file://{objects_dir}", mirror, mirrors=[{
         "url": f"http://{mirror.host}/test-namespace", "usernameEnv": "MIRROR_USER",
