@@ -162,8 +162,11 @@ def resolve_pins(config: ImagesConfig, clients: ClientPool, *,
     make a release that looks complete and is not.
     """
     refs, failures = resolve_images(config, clients)
-    problems = [f"{f.spec}: {f.error}" if not str(f.error).startswith(f.spec) else str(f.error)
-                for f in failures]
+    def named(what: str, e: BmsyncError) -> str:
+        # Messages only: each error's hint would repeat on one line; the first's is kept.
+        return e.message if e.message.startswith(what) else f"{what}: {e.message}"
+
+    problems = [named(f.spec, f.error) for f in failures]
     first: BmsyncError | None = failures[0].error if failures else None
 
     def pin(ref: Reference) -> PinnedImage | BmsyncError:
@@ -182,13 +185,13 @@ def resolve_pins(config: ImagesConfig, clients: ClientPool, *,
     with ThreadPoolExecutor(max(1, min(concurrency, len(refs) or 1))) as pool:
         for ref, got in zip(refs, pool.map(pin, refs), strict=True):
             if isinstance(got, BmsyncError):
-                problems.append(str(got) if str(got).startswith(str(ref)) else f"{ref}: {got}")
+                problems.append(named(str(ref), got))
                 first = first or got
             else:
                 pinned.append(got)
     if problems:
         assert first is not None
-        raise ItemsFailed("; ".join(problems), first.exit_code)
+        raise ItemsFailed("; ".join(problems), first.exit_code, hint=first.hint)
     return tuple(sorted(pinned, key=lambda p: p.source))
 
 
