@@ -24,7 +24,8 @@ atomically) names the object's ETag and size and the ranges already written, so 
 interrupted download resumes without fetching them again, and a partial whose record
 names another ETag (the object was replaced) is started afresh: bytes of two objects
 are never stitched. The SHA-256 of the file is computed while it arrives, by a thread
-that follows the completed prefix through a read-only mapping of the partial.
+that hashes the received buffers in the object's order; the buffers are written with
+O_DIRECT where possible, so the bytes are not copied into the page cache at all.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
 import json
@@ -39,6 +41,7 @@ import logging
 import mmap
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -69,6 +72,10 @@ PART_CONCURRENCY = 8
 RANGE_SIZE = 32 * 1024 * 1024
 RANGE_STREAMS = 4
 HASH_CHUNK = 8 * 1024 * 1024
+# A download's chunks wait in these buffers between their write and the hasher, which
+# takes them in the object's order: POOL_BUFFERS * CHUNK bytes at most.
+POOL_BUFFERS = 48
+POOL_RESERVE = 4
 MAX_SMALL_OBJECT = 64 * 1024 * 1024
 RECORD_SCHEMA = 1
 
@@ -213,6 +220,34 @@ def _start_writeback() -> Callable[[int, int, int], None]:
 _writeback = _start_writeback()
 
 
+DIRECT_ALIGN = 4096  # O_DIRECT: offsets, lengths and buffers aligned to this
+
+
+def aligned_buffer(size: int) -> memoryview:
+    """A writable buffer whose address is page-aligned (an anonymous mapping), so a
+    chunk read into it can be written with O_DIRECT."""
+    return memoryview(mmap.mmap(-1, size))
+
+
+def _open_direct(path: Path) -> int | None:
+    """A second descriptor of ``path`` with O_DIRECT, or None where the file system
+    refuses it (tmpfs, some network file systems)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC | flag)
+    except OSError:
+        return None
+
+
+def _close(fd: int, direct: int | None) -> None:
+    if direct is not None:
+        with contextlib.suppress(OSError):
+            os.close(direct)
+    os.close(fd)
+
+
 class _Stopped(Exception):
     """Another range failed: this one stops early (never seen outside the engine)."""
 
@@ -225,11 +260,16 @@ def _download_ranges(partial: Path, info: ObjectInfo, where: str,
     range's bytes in order), ``streams`` at once, each written at its offset; hash the
     file in order meanwhile. Contract of ``ObjectStore.download``.
 
-    Threads: ``streams`` readers and one hasher. A reader writes its range in order and
-    marks it done (in memory, then in the record) only once every byte of it is
-    written; the hasher follows the lowest range not yet hashed as its bytes are
-    written, through a read-only mapping of the file (no copy), so the hash ends soon
-    after the last byte arrives. Ranges already done stay recorded.
+    Threads: ``streams`` readers and one hasher. A reader copies what arrives into
+    1 MiB page-aligned buffers of a shared pool, writes each full buffer at its offset
+    (O_DIRECT where the file system allows: no copy into the page cache), and queues
+    it for the hasher; it marks its range done (in memory, then in the record) only
+    once every byte of it is written. The hasher takes the ranges in the object's
+    order, hashing queued buffers and returning them to the pool (ranges an earlier
+    run wrote are read back from the file), so the hash ends soon after the last byte
+    arrives. Readers of ranges ahead of the hasher leave a few buffers free for the
+    range it waits for, so memory stays at POOL_BUFFERS MiB. Ranges already done stay
+    recorded.
 
     The first failure drops the ranges not started yet; those being read go on to
     their end (a lost connection on one does not waste the others' bytes), except
@@ -239,6 +279,8 @@ def _download_ranges(partial: Path, info: ObjectInfo, where: str,
     starts = range(0, size, RANGE_SIZE)
     done = _load_record(partial, info)
     fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    direct: list[int | None] = [None]  # None: write through the page cache
+    opened_direct: int | None = None
     try:
         if not done:
             _preallocate(fd, size)
@@ -248,36 +290,112 @@ def _download_ranges(partial: Path, info: ObjectInfo, where: str,
             on_bytes(kept)
         if kept:
             log.info("%s: resuming a download, %d of %d bytes already here", where, kept, size)
+        direct[0] = _open_direct(partial)
+        opened_direct = direct[0]
         cond = threading.Condition()
         stop = threading.Event()
         fetched = [0]
-        written_to: dict[int, int] = {}  # range start -> end of its bytes written so far
-        hashing = [0]  # the range the hasher waits for
+        hashing = [0]  # the range the hasher is at
+        free = [aligned_buffer(CHUNK) for _ in range(POOL_BUFFERS)]
+        queued: dict[int, deque[tuple[memoryview, int]]] = {s: deque() for s in starts}
+
+        abandoned = threading.Event()  # a range failed: no hash, buffers go straight back
+
+        def take(start: int) -> memoryview:
+            # The range being hashed may always take a buffer; the others leave
+            # POOL_RESERVE free for it, so waiting for the hasher cannot deadlock.
+            with cond:
+                while not (free and (len(free) > POOL_RESERVE or start == hashing[0]
+                                     or abandoned.is_set())):
+                    if stop.is_set():
+                        raise _Stopped
+                    cond.wait()
+                return free.pop()
+
+        def put(buf: memoryview, n: int, offset: int) -> None:
+            # Whole chunks go around the page cache (O_DIRECT) from page-aligned
+            # buffers: copying a download into the page cache, and hashing it back
+            # from there, was most of its CPU on small VMs (perf: copy_folio_from_iter
+            # and inode-lock spinning between the streams). The short last chunk of
+            # the object goes through the page cache.
+            chunk = buf[:n]
+            target = fd
+            if direct[0] is not None and n % DIRECT_ALIGN == 0:
+                target = direct[0]
+            try:
+                written = os.pwrite(target, chunk, offset)
+            except OSError as e:
+                if target == fd or e.errno != errno.EINVAL:
+                    raise
+                direct[0] = None  # refused after all: the page cache from now on
+                written = os.pwrite(fd, chunk, offset)
+            while written < n:  # pwrite may write less (signals, quotas)
+                written += os.pwrite(fd, chunk[written:], offset + written)
 
         def fetch(start: int) -> None:
+            try:
+                fetch_range(start)
+            except BaseException:
+                # The file will not be whole: the hasher stops, and the other ranges
+                # still being read finish without waiting for it (kept for a resume).
+                with cond:
+                    abandoned.set()
+                    for q in queued.values():
+                        free.extend(b for b, _ in q)
+                        q.clear()
+                    cond.notify_all()
+                raise
+
+        def fetch_range(start: int) -> None:
             length = min(RANGE_SIZE, size - start)
-            offset = start
+            offset = start  # of the buffer being filled
+            buf: memoryview | None = None
+            filled = 0
+
+            def flush() -> None:
+                nonlocal buf, filled, offset
+                assert buf is not None
+                put(buf, filled, offset)
+                with cond:
+                    if abandoned.is_set():
+                        free.append(buf)
+                    else:
+                        queued[start].append((buf, filled))
+                    cond.notify_all()
+                offset += filled
+                buf, filled = None, 0
+
+            got = 0
             with contextlib.closing(read(start, length)) as chunks:
                 for chunk in chunks:
                     if stop.is_set():
                         raise _Stopped
-                    if offset + len(chunk) > start + length:
+                    if got + len(chunk) > length:
                         raise TransportError(f"{where}: the server sent more than range"
                                              f" {start}-{start + length - 1}")
-                    written = os.pwrite(fd, chunk, offset)
-                    while written < len(chunk):  # pwrite may write less (signals, quotas)
-                        written += os.pwrite(fd, chunk[written:], offset + written)
-                    offset += len(chunk)
-                    with cond:
-                        written_to[start] = offset
-                        if start == hashing[0]:
-                            cond.notify_all()
+                    at = 0
+                    while at < len(chunk):
+                        if buf is None:
+                            buf = take(start)
+                        n = min(CHUNK - filled, len(chunk) - at)
+                        buf[filled:filled + n] = chunk[at:at + n]
+                        filled += n
+                        at += n
+                        if filled == CHUNK:
+                            flush()
+                    got += len(chunk)
                     if on_bytes:
                         on_bytes(len(chunk))
-            if offset != start + length:
+            if got != length:
+                if buf is not None:
+                    with cond:
+                        free.append(buf)
+                        cond.notify_all()
                 raise TransportError(f"{where}: short read of range {start}-{start + length - 1}"
-                                     f" ({offset - start} of {length} bytes)",
+                                     f" ({got} of {length} bytes)",
                                      hint="run the same command again: it resumes")
+            if filled:
+                flush()
             _writeback(fd, start, length)
             with cond:
                 done.add(start)
@@ -285,32 +403,48 @@ def _download_ranges(partial: Path, info: ObjectInfo, where: str,
                 _write_record(partial, info, done)
                 cond.notify_all()
 
+        resumed = set(done)
+
         def digest() -> str | None:
+            try:
+                return hash_in_order()
+            except BaseException:
+                with cond:  # readers must not wait for a hasher that is gone
+                    abandoned.set()
+                    cond.notify_all()
+                raise
+
+        def hash_in_order() -> str | None:
             h = hashlib.sha256()
-            if not size:
-                return h.hexdigest()
-            with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
-                view = memoryview(mapped)
-                try:
-                    for start in starts:
-                        end = min(start + RANGE_SIZE, size)
-                        at = start
-                        while at < end:
-                            # A range is written in order from its start: hash what is
-                            # there so far, then wait for more (or for its end).
-                            with cond:
-                                hashing[0] = start
-                                while (upto := end if start in done
-                                       else written_to.get(start, start)) <= at:
-                                    if stop.is_set():
-                                        return None
-                                    cond.wait()
-                            while at < upto:
-                                step = min(at + HASH_CHUNK, upto)
-                                h.update(view[at:step])
-                                at = step
-                finally:
-                    view.release()
+            scratch: memoryview | None = None
+            for start in starts:
+                end = min(start + RANGE_SIZE, size)
+                with cond:
+                    hashing[0] = start
+                    cond.notify_all()
+                if start in resumed:  # written by an earlier run: read it back
+                    scratch = scratch if scratch is not None else aligned_buffer(HASH_CHUNK)
+                    at = start
+                    while at < end:
+                        n = os.preadv(fd, [scratch[:min(HASH_CHUNK, end - at)]], at)
+                        if not n:
+                            raise IntegrityError(f"{partial}: shorter than its record says")
+                        h.update(scratch[:n])
+                        at += n
+                    continue
+                at = start
+                while at < end:
+                    with cond:
+                        while not queued[start]:
+                            if stop.is_set() or abandoned.is_set():
+                                return None
+                            cond.wait()
+                        buf, n = queued[start].popleft()
+                    h.update(buf[:n])
+                    at += n
+                    with cond:
+                        free.append(buf)
+                        cond.notify_all()
             return h.hexdigest()
 
         todo = [s for s in starts if s not in done]
@@ -351,15 +485,15 @@ def _download_ranges(partial: Path, info: ObjectInfo, where: str,
         assert sha is not None  # every range is done
         os.fsync(fd)
     except Conflict:
-        os.close(fd)
+        _close(fd, opened_direct)
         discard_partial(partial)
         raise
     except BaseException:
         with contextlib.suppress(OSError):
             os.fdatasync(fd)  # what is recorded as done is on disk for the next run
-        os.close(fd)
+        _close(fd, opened_direct)
         raise
-    os.close(fd)
+    _close(fd, opened_direct)
     partial_record(partial).unlink(missing_ok=True)
     return Downloaded(sha, fetched[0], kept)
 
@@ -473,12 +607,13 @@ class FileStore:
 
             def read(start: int, length: int) -> Generator[bytes | memoryview, None, None]:
                 end = start + length
+                view = aligned_buffer(CHUNK * 8)
                 while start < end:
-                    chunk = os.pread(src, min(CHUNK * 8, end - start), start)
-                    if not chunk:
+                    n = os.preadv(src, [view[:min(CHUNK * 8, end - start)]], start)
+                    if not n:
                         return
-                    start += len(chunk)
-                    yield chunk
+                    start += n
+                    yield view[:n]
 
             return _download_ranges(dest, info, where, read, streams=1, on_bytes=on_bytes)
         finally:
