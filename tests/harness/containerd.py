@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import atexit
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import IO
 
 from tests.harness.errors import ServerStartError, ToolError
+from tests.harness.process import log_tail, terminate
 
 CONTAINERD = "containerd"
 CTR = "ctr"
@@ -130,24 +130,12 @@ class ContainerdServer:
         return None
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the PID started, SIGKILL after ``timeout`` seconds; always reaped."""
-        process = self._process
-        if process is not None:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            self._process = None
+        terminate(self._process, timeout)
+        self._process = None
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -14,6 +14,7 @@ import requests
 
 from tests.harness.errors import ServerStartError
 from tests.harness.net import LOOPBACK, free_port
+from tests.harness.process import log_tail
 
 START_TIMEOUT = 30.0
 
@@ -71,11 +72,7 @@ class LuigidServer:
         return response
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = (self.directory / "luigid.out").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.directory / "luigid.out", lines)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -22,7 +22,6 @@ import atexit
 import json
 import os
 import re
-import signal
 import subprocess
 import time
 import uuid
@@ -38,6 +37,7 @@ import requests
 from tests.harness.errors import ServerStartError
 from tests.harness.net import LOOPBACK, free_port
 from tests.harness.pki import TestPKI, create_pki
+from tests.harness.process import log_tail, terminate
 from tests.harness.tokens import TokenIssuer
 
 REGISTRY_BINARY = "docker-registry"
@@ -262,16 +262,8 @@ class RegistryServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM the process, SIGKILL it after ``timeout`` seconds; always reaped."""
-        process = self._process
-        if process is not None:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            self._process = None
+        terminate(self._process, timeout)
+        self._process = None
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -310,11 +302,7 @@ class RegistryServer:
 
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of the registry's log ("" when none yet)."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def mark(self) -> int:
         """A position in the access log; ``since(mark)`` returns what came after it."""

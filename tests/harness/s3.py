@@ -53,6 +53,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from tests.harness.errors import ServerStartError
 from tests.harness.net import LOOPBACK, free_port
+from tests.harness.process import log_tail
 
 WEED_BINARY = "weed"
 READY_LINE = b"All enabled components are running"
@@ -371,11 +372,7 @@ class S3Server:
 
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of weed's log ("" when none yet)."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     # -- internals ------------------------------------------------------------------
 
