@@ -73,6 +73,7 @@ class ConfigError(BmsyncError):
         if key:
             where = f"{where}: {key}" if where else key
         super().__init__(f"{where}: {message}" if where else message, hint=hint)
+        self.detail = message  # without the file, line and key
         self.path = path
         self.key = key
         self.line = line

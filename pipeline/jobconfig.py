@@ -70,7 +70,14 @@ class PipelineConfig:
 
 def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
     """Read and validate ``pipeline.yaml`` at ``path``; ConfigError on any problem."""
-    images = load_images_config(path, extra_keys=_PIPELINE_KEYS)
+    try:
+        images = load_images_config(path, extra_keys=_PIPELINE_KEYS)
+    except ConfigError as e:
+        if e.key in ("mirrors", "containerd"):
+            raise ConfigError(e.detail, path=e.path, key=e.key, line=e.line,
+                              hint="this looks like a site.yaml: give it to"
+                                   " `bmsync run import`") from None
+        raise
     text_path = os.fspath(path)
     base_dir = Path(text_path).absolute().parent
     extra, lines = images.extra, images.extra_lines
@@ -220,7 +227,14 @@ class SiteConfig:
 
 def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
     """Read and validate ``site.yaml`` at ``path``; ConfigError on any problem."""
-    return read_document(path, _site, example="configs/site.yaml")
+    try:
+        return read_document(path, _site, example="configs/site.yaml")
+    except ConfigError as e:
+        if e.key in ("images", "registries", "release"):
+            raise ConfigError(e.detail, path=e.path, key=e.key, line=e.line,
+                              hint="this looks like a pipeline.yaml: give it to"
+                                   " `bmsync run release` or `bmsync run nightly`") from None
+        raise
 
 
 def _site(r: NodeReader, root: yaml.Node) -> SiteConfig:

@@ -465,3 +465,23 @@ RUN_NUMBERS: list[tuple[str, date, str, str, int | None]] = [
 def test_run_number(scheme: str, day: date, release: str, version: str,
                     expected: int | None) -> None:
     assert run_number(scheme, day, release, version) == expected
+
+
+def test_a_site_yaml_given_as_pipeline_yaml_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text("version: 1\nobjectStore: file:///srv/o\nworkDir: w\nmirrors:\n"
+                    "  - url: http://127.0.0.1:5000/ns\n    needCredential: false\n")
+    with pytest.raises(ConfigError) as info:
+        load_pipeline_config(path)
+    assert str(info.value).startswith(f"{path}:4: mirrors: unknown key")
+    assert "this looks like a site.yaml" in str(info.value)
+
+
+def test_a_pipeline_yaml_given_as_site_yaml_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text('version: 1\nrelease: "1.0"\nimages: [gcr.io/a/b:1]\nworkDir: w\n'
+                    "objectStore: file:///srv/o\n")
+    with pytest.raises(ConfigError) as info:
+        load_site_config(path)
+    assert str(info.value).startswith(f"{path}:2: release: unknown key")
+    assert "this looks like a pipeline.yaml" in str(info.value)
