@@ -75,7 +75,7 @@ HASH_CHUNK = 8 * 1024 * 1024
 # A download's chunks wait in these buffers between their write and the hasher, which
 # takes them in the object's order: POOL_BUFFERS * CHUNK bytes at most.
 POOL_BUFFERS = 48
-POOL_RESERVE = 4
+POOL_RESERVE = 4  # at least 1: the buffers only the range being hashed may take
 MAX_SMALL_OBJECT = 64 * 1024 * 1024
 RECORD_SCHEMA = 1
 
@@ -332,18 +332,26 @@ def _download_ranges(partial: Path, info: ObjectInfo, where: str,
             while written < n:  # pwrite may write less (signals, quotas)
                 written += os.pwrite(fd, chunk[written:], offset + written)
 
+        def give_up(conflict: bool) -> None:
+            # The file will not be whole: the hasher stops, ranges not started are
+            # dropped, and those being read finish without waiting for the hasher
+            # (kept for a resume), except after a Conflict, which stops them at once.
+            with cond:
+                abandoned.set()
+                if conflict:
+                    stop.set()
+                for q in queued.values():
+                    free.extend(b for b, _ in q)
+                    q.clear()
+                cond.notify_all()
+
         def fetch(start: int) -> None:
+            if abandoned.is_set():
+                raise _Stopped
             try:
                 fetch_range(start)
-            except BaseException:
-                # The file will not be whole: the hasher stops, and the other ranges
-                # still being read finish without waiting for it (kept for a resume).
-                with cond:
-                    abandoned.set()
-                    for q in queued.values():
-                        free.extend(b for b, _ in q)
-                        q.clear()
-                    cond.notify_all()
+            except BaseException as e:
+                give_up(isinstance(e, Conflict))
                 raise
 
         def fetch_range(start: int) -> None:
@@ -366,34 +374,38 @@ def _download_ranges(partial: Path, info: ObjectInfo, where: str,
                 buf, filled = None, 0
 
             got = 0
-            with contextlib.closing(read(start, length)) as chunks:
-                for chunk in chunks:
-                    if stop.is_set():
-                        raise _Stopped
-                    if got + len(chunk) > length:
-                        raise TransportError(f"{where}: the server sent more than range"
-                                             f" {start}-{start + length - 1}")
-                    at = 0
-                    while at < len(chunk):
-                        if buf is None:
-                            buf = take(start)
-                        n = min(CHUNK - filled, len(chunk) - at)
-                        buf[filled:filled + n] = chunk[at:at + n]
-                        filled += n
-                        at += n
-                        if filled == CHUNK:
-                            flush()
-                    got += len(chunk)
-                    if on_bytes:
-                        on_bytes(len(chunk))
-            if got != length:
-                if buf is not None:
+            try:
+                with contextlib.closing(read(start, length)) as chunks:
+                    for chunk in chunks:
+                        if stop.is_set():
+                            raise _Stopped
+                        if got + len(chunk) > length:
+                            raise TransportError(f"{where}: the server sent more than range"
+                                                 f" {start}-{start + length - 1}")
+                        at = 0
+                        while at < len(chunk):
+                            if buf is None:
+                                buf = take(start)
+                            n = min(CHUNK - filled, len(chunk) - at)
+                            buf[filled:filled + n] = chunk[at:at + n]
+                            filled += n
+                            at += n
+                            if filled == CHUNK:
+                                flush()
+                        got += len(chunk)
+                        if on_bytes:
+                            on_bytes(len(chunk))
+                if got != length:
+                    raise TransportError(
+                        f"{where}: short read of range {start}-{start + length - 1}"
+                        f" ({got} of {length} bytes)",
+                        hint="run the same command again: it resumes")
+            except BaseException:
+                if buf is not None:  # the buffer being filled goes back to the pool
                     with cond:
                         free.append(buf)
                         cond.notify_all()
-                raise TransportError(f"{where}: short read of range {start}-{start + length - 1}"
-                                     f" ({got} of {length} bytes)",
-                                     hint="run the same command again: it resumes")
+                raise
             if filled:
                 flush()
             _writeback(fd, start, length)
@@ -409,9 +421,7 @@ def _download_ranges(partial: Path, info: ObjectInfo, where: str,
             try:
                 return hash_in_order()
             except BaseException:
-                with cond:  # readers must not wait for a hasher that is gone
-                    abandoned.set()
-                    cond.notify_all()
+                give_up(False)  # readers must not wait for a hasher that is gone
                 raise
 
         def hash_in_order() -> str | None:
@@ -450,8 +460,7 @@ def _download_ranges(partial: Path, info: ObjectInfo, where: str,
         todo = [s for s in starts if s not in done]
         error: Exception | None = None
         with ThreadPoolExecutor(streams + 1, thread_name_prefix="download") as pool:
-            hashed = pool.submit(digest)
-            running: list[Future[None]] = [pool.submit(fetch, s) for s in todo]
+            running: list[Future[None]] = []
 
             def halt(*, now: bool) -> None:
                 # Ranges not started are dropped; with ``now`` the running ones stop at
@@ -462,6 +471,8 @@ def _download_ranges(partial: Path, info: ObjectInfo, where: str,
                     stop.set()
 
             try:
+                hashed = pool.submit(digest)
+                running += [pool.submit(fetch, s) for s in todo]
                 for f in running:
                     try:
                         f.result()
