@@ -9,6 +9,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 import luigi
+from luigi.rpc import RPCError
 
 from pipeline.errors import BmsyncError
 from pipeline.jobconfig import PipelineConfig, SiteConfig, load_pipeline_config, load_site_config
@@ -121,9 +122,11 @@ class _QuietBmsyncErrors(logging.Filter):
     says everything, so those records are dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], BmsyncError):
-            return False
+        if record.exc_info and isinstance(record.exc_info[1], (BmsyncError, RPCError)):
+            return False  # reported in one line (RPCError: by `bmsync run`)
         text = record.getMessage()
+        if text.startswith("Failed connecting to remote scheduler"):
+            return False  # retried, then `bmsync run` says it in one line
         if text.startswith("Will not run") and (
                 "ReportedError" in text or "pipeline.errors." in text):
             return False

@@ -10,12 +10,14 @@ import fcntl
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import luigi
 import luigi.configuration
 from luigi.execution_summary import LuigiStatusCode
+from luigi.parameter import UnconsumedParameterWarning
 from luigi.rpc import RPCError
 
 from pipeline.errors import BmsyncError, TransportError, UsageError
@@ -106,9 +108,11 @@ def _check_scheduler(url: str) -> None:
         raise UsageError(f"--scheduler-url {url!r} must start with http:// or https://",
                          hint="e.g. http://scheduler:8082/")
     config = luigi.configuration.get_config()
-    # Luigi's defaults retry an unreachable scheduler 3 times, 30 s apart.
-    config.set("core", "rpc_retry_attempts", "2")
-    config.set("core", "rpc_retry_wait", "2")
+    # Luigi's defaults retry an unreachable scheduler 3 times, 30 s apart. Its client
+    # reads these from [core] itself, so the core task warns that it does not use them.
+    config.set("core", "rpc-retry-attempts", "2")
+    config.set("core", "rpc-retry-wait", "2")
+    warnings.filterwarnings("ignore", message=r".*'rpc_retry_", category=UnconsumedParameterWarning)
 
 
 def run_job(args: argparse.Namespace) -> int:
@@ -150,6 +154,12 @@ def _build(task: luigi.Task, args: argparse.Namespace) -> int:
         # Already reported in one line each; the first one's code says what to do.
         return BROKEN[0].exit_code
     code = EXIT_CODES.get(result.status, EXIT_TASK_FAILED)
+    if code == EXIT_NOT_RUN and args.scheduler_url:
+        # The scheduler gave the remaining tasks to other workers: this one is done.
+        # A task that fails there fails the process that ran it.
+        print(f"bmsync run {args.job}: nothing left for this worker; other workers of"
+              f" {args.scheduler_url} are running the rest ({task})")
+        return 0
     outcome = _OUTCOMES.get(code, "failed")
     print(f"bmsync run {args.job}: {outcome} ({task})", file=sys.stderr if code else sys.stdout)
     if verbose:
