@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.bundle.format import BundleManifest, ImageEntry
 from pipeline.errors import InvalidReference, NotFound, ProtocolError, TransportError, UsageError
@@ -104,13 +104,18 @@ class MirrorImageCheck:
         }
 
 
-@dataclass(frozen=True)
-class MirrorReport:
-    mirror: str
-    images: tuple[MirrorImageCheck, ...]
+class _Report:
+    """What the mirror and the node reports share: rows, those that differ, JSON.
+
+    Subclasses are frozen dataclasses with ``images`` and the field ``_where`` names
+    (what was checked: the mirror, the containerd namespace).
+    """
+
+    _where: ClassVar[str]
+    images: tuple[Any, ...]
 
     @property
-    def differences(self) -> list[MirrorImageCheck]:
+    def differences(self) -> list[Any]:
         return [i for i in self.images if not i.ok]
 
     @property
@@ -119,10 +124,17 @@ class MirrorReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "mirror": self.mirror,
+            self._where: getattr(self, self._where),
             "ok": self.ok,
             "images": [i.to_json() for i in self.images],
         }
+
+
+@dataclass(frozen=True)
+class MirrorReport(_Report):
+    _where: ClassVar[str] = "mirror"
+    mirror: str
+    images: tuple[MirrorImageCheck, ...]
 
 
 def _target(entry: ImageEntry, mirror: Mirror) -> Reference:
@@ -302,24 +314,10 @@ class NodeImageCheck:
 
 
 @dataclass(frozen=True)
-class NodeReport:
+class NodeReport(_Report):
+    _where: ClassVar[str] = "namespace"
     namespace: str
     images: tuple[NodeImageCheck, ...]
-
-    @property
-    def differences(self) -> list[NodeImageCheck]:
-        return [i for i in self.images if not i.ok]
-
-    @property
-    def ok(self) -> bool:
-        return not self.differences
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "namespace": self.namespace,
-            "ok": self.ok,
-            "images": [i.to_json() for i in self.images],
-        }
 
 
 def _manifest_digests(manifest: BundleManifest, entry: ImageEntry) -> set[str]:
