@@ -53,7 +53,7 @@ from pipeline.reference import (
     Mirror,
     Reference,
     check_mirror_collisions,
-    mirror_reference,
+    mirror_target,
     parse_reference,
 )
 from pipeline.registry.client import RegistryClient, ResendNeeded
@@ -237,11 +237,8 @@ class _Pusher:
         refs = [parse_reference(i.source) for i in self.manifest.images]
         check_mirror_collisions(refs, self.mirror)
         images = []
-        for entry, ref in zip(self.manifest.images, refs, strict=True):
-            target = mirror_reference(
-                Reference(ref.registry, ref.repository, ref.tag, None if ref.tag else entry.digest),
-                self.mirror,
-            )
+        for entry in self.manifest.images:
+            target = mirror_target(entry.source, entry.digest, self.mirror)
             report = ImagePush(entry.source, str(target), entry.digest, entry.upstream_digest)
             self.report.images.append(report)
             blobs, manifests = _split_blobs(self.manifest, entry)
@@ -252,12 +249,12 @@ class _Pusher:
         """One HEAD per image; returns the images that need pushing."""
         def head(img: _Image) -> None:
             try:
-                current = self.client.head_manifest(img.ref.repository, img.ref.identifier).digest
+                current = self.client.manifest_digest(img.ref.repository, img.ref.identifier)
             except NotFound:
                 return
             if current == img.entry.digest:
                 img.report.status = "present"
-            elif current and img.ref.tag:
+            elif img.ref.tag:
                 if self.no_overwrite:
                     img.report.status = "failed"
                     img.report.exit_code = 2

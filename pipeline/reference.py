@@ -368,6 +368,16 @@ def mirror_reference(ref: Reference, mirror: Mirror) -> Reference:
     return Reference(mirror.host, repository, ref.tag, ref.digest)
 
 
+def mirror_target(source: str, digest: str, mirror: Mirror) -> Reference:
+    """Where a bundle image (``source``, manifest ``digest``) lives in ``mirror``: at
+    its tag, or by digest when the source has none. Push, verify and the import's
+    check all ask here."""
+    ref = parse_reference(source)
+    return mirror_reference(
+        Reference(ref.registry, ref.repository, ref.tag, None if ref.tag else digest), mirror
+    )
+
+
 def check_mirror_collisions(refs: Iterable[Reference], mirror: Mirror) -> None:
     """Raise :class:`UsageError` if two different source repositories would push the same
     tag to the same repository of ``mirror``.

@@ -174,9 +174,7 @@ def resolve_pins(config: ImagesConfig, clients: ClientPool, *,
             return PinnedImage(str(ref), ref.digest)
         client = clients.client(ref.registry)
         try:
-            digest = client.head_manifest(ref.repository, ref.identifier, what=str(ref)).digest
-            if digest is None:
-                digest = client.get_manifest(ref.repository, ref.identifier, what=str(ref)).digest
+            digest = client.manifest_digest(ref.repository, ref.identifier, what=str(ref))
         except BmsyncError as e:
             return e
         return PinnedImage(store_name(ref), digest)

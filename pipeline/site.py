@@ -22,7 +22,7 @@ from pipeline.errors import CredentialError, IntegrityError, ItemsFailed, NotFou
 from pipeline.jobconfig import SiteConfig, SiteMirror
 from pipeline.objstore import ObjectStore, open_store
 from pipeline.publish import FetchReport, fetch, read_catalog
-from pipeline.reference import mirror_reference, parse_reference
+from pipeline.reference import mirror_target
 from pipeline.registry.client import RegistryClient
 from pipeline.registry.credentials import Credential, from_docker_config, from_env
 from pipeline.registry.transport import Transport
@@ -151,13 +151,11 @@ def mirror_serves(site: SiteConfig, version: str, mirror_url: str, *,
     client = mirror_client(m, concurrency=concurrency)
 
     def at_tag(entry: Any) -> bool:
-        ref = parse_reference(entry.source)
-        target = mirror_reference(ref, m.mirror)
+        target = mirror_target(entry.source, entry.digest, m.mirror)
         try:
-            head = client.head_manifest(target.repository, target.identifier)
+            return client.manifest_digest(target.repository, target.identifier) == entry.digest
         except NotFound:
             return False
-        return head.digest == entry.digest
 
     with ThreadPoolExecutor(max(1, min(concurrency, len(manifest.images) or 1))) as pool:
         return all(pool.map(at_tag, manifest.images))

@@ -37,7 +37,7 @@ from pipeline.reference import (
     Mirror,
     Reference,
     check_mirror_collisions,
-    mirror_reference,
+    mirror_target,
     parse_reference,
 )
 from pipeline.registry.client import RegistryClient
@@ -137,15 +137,6 @@ class MirrorReport(_Report):
     images: tuple[MirrorImageCheck, ...]
 
 
-def _target(entry: ImageEntry, mirror: Mirror) -> Reference:
-    """Where push put ``entry``: at its tag, or by digest when it has none."""
-    ref = parse_reference(entry.source)
-    return mirror_reference(
-        Reference(ref.registry, ref.repository, ref.tag, None if ref.tag else entry.digest),
-        mirror,
-    )
-
-
 def verify_mirror(manifest: BundleManifest, mirror: Mirror, client: RegistryClient, *,
                   concurrency: int = 8) -> MirrorReport:
     """Check every image of ``manifest`` in ``mirror`` through ``client``; rows in bundle order.
@@ -159,18 +150,13 @@ def verify_mirror(manifest: BundleManifest, mirror: Mirror, client: RegistryClie
     """
     refs = [parse_reference(i.source) for i in manifest.images]
     check_mirror_collisions(refs, mirror)
-    targets = [_target(entry, mirror) for entry in manifest.images]
+    targets = [mirror_target(e.source, e.digest, mirror) for e in manifest.images]
 
     def head_tag(target: Reference) -> str | None:
         try:
-            found = client.head_manifest(target.repository, target.identifier).digest
+            return client.manifest_digest(target.repository, target.identifier)
         except NotFound:
             return None
-        if found is None:
-            # Without Docker-Content-Digest the tag's digest is unknown without the body:
-            # GET it (the client hashes the bytes received).
-            found = client.get_manifest(target.repository, target.identifier).digest
-        return found
 
     # A blob shared by several images of one repository is asked for once.
     pairs = sorted({(t.repository, d) for entry, t in zip(manifest.images, targets, strict=True)

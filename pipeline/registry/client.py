@@ -142,6 +142,17 @@ class RegistryClient:
             size=int(length) if length and length.isdigit() else None,
         )
 
+    def manifest_digest(self, repository: str, identifier: str, *, what: str = "") -> str:
+        """The digest ``identifier`` resolves to: one HEAD, and a GET (hashing the bytes
+        received) when the registry sends no ``Docker-Content-Digest``.
+
+        NotFound when it is absent.
+        """
+        digest = self.head_manifest(repository, identifier, what=what).digest
+        if digest is None:
+            digest = self.get_manifest(repository, identifier, what=what).digest
+        return digest
+
     def fetch_blob(
         self, repository: str, digest: str, sink: BlobSink, *, size: int | None, what: str = ""
     ) -> None:

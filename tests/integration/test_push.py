@@ -659,6 +659,35 @@ def test_moved_tag_refused_with_no_overwrite_else_retagged(
     assert f"{release.images[RBAC].digest}  retagged (was {other.digest})" in run.stdout
 
 
+def test_mirror_without_digest_headers_still_pushes_once_and_refuses_moved_tags(
+    registry: RegistryServer, bundles: Bundles, release: Release, env: dict[str, str],
+    image_factory: ImageFactory, fault_proxy: Callable[..., FaultProxy],
+) -> None:
+    """A mirror whose HEAD answers carry no Docker-Content-Digest: the tag's digest comes
+    from a GET (hashed), so a warm push writes nothing and --no-overwrite still holds."""
+    from tests.harness.faultproxy import respond
+
+    assert push_images(bundles.get("zstd"), mirror_of(registry.host), env=env).code == 0
+    proxy = fault_proxy(registry)
+    oci = {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}
+    proxy.add_rule(respond(200, b"", oci), method="HEAD", path=r"/manifests/", times=10_000)
+
+    mark = registry.mark()
+    warm = push_images(bundles.get("zstd"), mirror_of(proxy.host), env=env)
+    assert warm.code == 0, warm.output
+    assert [e for e in registry.since(mark) if e.method in WRITES] == []
+
+    name, tag = RBAC.rsplit(":", 1)
+    other = image_factory.image([image_factory.layer(2000)])
+    push_upstream(registry.url, f"{NS}/{name}", tag, other)
+    mark = registry.mark()
+    refused = push_images(bundles.get("zstd"), mirror_of(proxy.host), "--no-overwrite",
+                          env=env)
+    assert refused.code == 2, refused.output
+    assert other.digest in refused.stderr and "--no-overwrite" in refused.stderr
+    assert not [e for e in registry.since(mark) if e.method in WRITES and name in e.path]
+
+
 def test_tampered_blob_never_yields_a_manifest(registry: RegistryServer, bundles: Bundles,
                                                release: Release, env: dict[str, str],
                                                tmp: Path) -> None:
