@@ -690,6 +690,10 @@ def s3_client(endpoint_url: str | None = None) -> Any:
         return client
 
 
+class _NoSuchObject(NotFound):
+    """The bucket answered that the key is absent (not that the bucket is)."""
+
+
 class S3Store:
     def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None = None) -> None:
         self.bucket = bucket
@@ -719,7 +723,7 @@ class S3Store:
                 return NotFound(f"{where}: bucket {self.bucket} does not exist",
                                 hint="create it, or check the URL")
             if code in ("NoSuchKey", "404", "NotFound"):
-                return NotFound(f"{where}: no such object")
+                return _NoSuchObject(f"{where}: no such object")
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
                         "ExpiredToken", "InvalidToken") or status in (401, 403):
                 return CredentialError(
@@ -737,6 +741,13 @@ class S3Store:
                                   hint="check --endpoint-url and that the server is up")
         return TransportError(f"{where}: {what} failed: {type(e).__name__}")
 
+    def _call_or_none(self, key: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``, or None when the object is absent (any other error raises)."""
+        try:
+            return self._call(key, "read", fn)
+        except _NoSuchObject:
+            return None
+
     def _call(self, key: str, what: str, fn: Callable[[], Any]) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -746,17 +757,11 @@ class S3Store:
             raise self._error(e, key, what) from None
 
     def get_bytes(self, key: str, *, limit: int = MAX_SMALL_OBJECT) -> tuple[bytes, str] | None:
-        from botocore.exceptions import ClientError
 
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as e:
-            err = self._error(e, key, "read")
-            if isinstance(err, NotFound) and "bucket" not in err.message:
-                return None
-            raise err from None
-        except Exception as e:  # noqa: BLE001 - botocore's own tree, mapped here
-            raise self._error(e, key, "read") from None
+        resp = self._call_or_none(
+            key, lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key)))
+        if resp is None:
+            return None
         if resp.get("ContentLength", 0) > limit:
             resp["Body"].close()
             raise IntegrityError(f"{self.url}/{key} is over the {limit}-byte limit")
@@ -777,17 +782,11 @@ class S3Store:
         return str(resp.get("ETag", "")).strip('"')
 
     def head(self, key: str) -> ObjectInfo | None:
-        from botocore.exceptions import ClientError
 
-        try:
-            resp = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as e:
-            err = self._error(e, key, "read")
-            if isinstance(err, NotFound) and "bucket" not in err.message:
-                return None
-            raise err from None
-        except Exception as e:  # noqa: BLE001
-            raise self._error(e, key, "read") from None
+        resp = self._call_or_none(
+            key, lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
+        if resp is None:
+            return None
         return ObjectInfo(key, int(resp["ContentLength"]), str(resp.get("ETag", "")).strip('"'))
 
     def upload_file(self, key: str, path: Path, *,

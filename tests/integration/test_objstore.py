@@ -733,3 +733,20 @@ def test_prune_keeps_latest_and_the_bases_of_kept_deltas(
         for gone in ("8.1", "8.2"):
             assert not [p for p in (backend.root / gone).rglob("*") if p.is_file()]
 
+
+
+def test_a_bucket_named_bucket_is_not_mistaken_for_a_missing_one(
+        s3_server: S3Server, small: Callable[..., Built], tmp_path: Path) -> None:
+    """An absent object is told from an absent bucket by the S3 error code, not by
+    words in the message (which holds the URL)."""
+    url = f"s3://{s3_server.new_bucket('site-bucket')}/releases"
+    env = s3_server.env()
+    shown = bmsync("catalog", "--from", url, env=env)
+    assert shown.code == 0, shown.output
+    assert "no published version" in shown.stdout
+    built = small("8.0")
+    assert bmsync("publish", str(built.archive), "--to", url, env=env).code == 0
+    got = bmsync("fetch", "--from", url, "--release", "8.0", "--to", str(tmp_path / "f"),
+                 env=env)
+    assert got.code == 0, got.output
+    assert sha256_file(tmp_path / "f" / built.name) == built.sha256
