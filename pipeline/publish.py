@@ -35,9 +35,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.bundle.format import BundleManifest, parse_manifest, sidecar_manifest_name
+from pipeline.bundle.format import (
+    EXTENSIONS,
+    BundleManifest,
+    archive_name,
+    parse_manifest,
+    sidecar_manifest_name,
+)
 from pipeline.bundle.reader import open_bundle
-from pipeline.bundle.split import find_parts
+from pipeline.bundle.split import find_parts, part_name
 from pipeline.bundle.verify import parse_sums, read_sidecar
 from pipeline.errors import Conflict, IntegrityError, NotFound, NotYetArrived, UsageError
 from pipeline.objstore import Downloaded, ObjectInfo, ObjectStore, discard_partial
@@ -242,8 +248,7 @@ def fetch(store: ObjectStore, release: str, to: Path, *,
         known = ", ".join(sorted(catalog.versions)) or "none"
         raise NotFound(f"{store.url}: version {release} is not in the catalog (it has {known})")
     entry = catalog.versions[v]
-    name = str(entry.get("archive", ""))
-    files = [str(f) for f in entry.get("files", [])]
+    name, files = _entry_files(store, v, entry)
     sidecar_key = f"{v}/{name}.sha256"
     got = store.get_bytes(sidecar_key)
     if got is None:
@@ -311,6 +316,22 @@ def fetch(store: ObjectStore, release: str, to: Path, *,
         _write(to / sidecar_manifest_name(v), manifest[0])
     report.seconds = time.monotonic() - started
     return report
+
+
+def _entry_files(store: ObjectStore, version: str,
+                 entry: dict[str, Any]) -> tuple[str, list[str]]:
+    """The archive's name and its files, as the catalog lists them, checked: they
+    become local paths, and the catalog crossed the air gap (never trusted)."""
+    name = entry.get("archive")
+    files = entry.get("files")
+    names = {archive_name(version, c) for c in EXTENSIONS}
+    if name not in names or not isinstance(files, list) or not files or not all(
+            f == name or f in {part_name(str(name), n) for n in range(1, len(files) + 1)}
+            for f in files):
+        raise IntegrityError(f"{store.url}/{CATALOG}: the entry of {version} names files"
+                             f" {files!r} of archive {name!r}, not bmpackages_{version} ones",
+                             hint="the catalog is damaged or forged; publish the version again")
+    return str(name), [str(f) for f in files]
 
 
 def _download(store: ObjectStore, key: str, partial: Path, info: ObjectInfo,

@@ -750,3 +750,22 @@ def test_a_bucket_named_bucket_is_not_mistaken_for_a_missing_one(
                  env=env)
     assert got.code == 0, got.output
     assert sha256_file(tmp_path / "f" / built.name) == built.sha256
+
+
+@pytest.mark.parametrize("archive", ["/tmp/bmsync-forged/evil", "../evil.tar.zst",
+                                     "bmpackages_6.0.tar.zst/../../evil"])
+def test_forged_catalog_names_never_become_paths(tmp_path: Path, archive: str) -> None:
+    """Names in catalog.json crossed the air gap: fetch refuses any that is not the
+    version's archive (or its parts) before writing anything."""
+    objects = tmp_path / "objects"
+    (objects / "6.0").mkdir(parents=True)
+    (objects / "6.0" / "evil.sha256").write_text("0" * 64 + "  evil\n")
+    (objects / CATALOG).write_text(json.dumps({"schemaVersion": 1, "latest": "6.0", "versions": {
+        "6.0": {"digest": "sha256:" + "0" * 64, "size": 1, "archive": archive,
+                "files": [archive], "created": "2026-01-01T00:00:00Z", "base": None}}}))
+    dest = tmp_path / "fetched"
+    got = bmsync("fetch", "--from", f"file://{objects}", "--release", "6.0", "--to", str(dest))
+    assert got.code == 6, got.output
+    assert "names files" in got.stderr and "Traceback" not in got.stderr
+    assert not dest.exists() or not any(dest.iterdir())
+    assert not Path("/tmp/bmsync-forged").exists()
