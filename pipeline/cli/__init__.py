@@ -20,6 +20,17 @@ from pipeline.errors import BmsyncError
 
 EXIT_PARTIAL = 1
 EXIT_INTERRUPTED = 130
+PASSWORD_ENV = "BMSYNC_PASSWORD"
+
+
+def given_password(args: argparse.Namespace) -> str | None:
+    """The password of ``--password-stdin`` (standard input is read once, whatever the
+    number of mirrors), else ``--password``, else ``$BMSYNC_PASSWORD``."""
+    if getattr(args, "password_stdin", False):
+        if not hasattr(args, "_stdin_password"):
+            args._stdin_password = sys.stdin.readline().rstrip("\r\n")
+        return str(args._stdin_password)
+    return args.password or os.environ.get(PASSWORD_ENV)
 
 
 def _setup_logging(verbosity: int) -> None:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.cli import count, verbosity
+from pipeline.cli import PASSWORD_ENV, count, given_password, verbosity
 from pipeline.errors import UsageError
 
 if TYPE_CHECKING:
@@ -16,7 +14,6 @@ if TYPE_CHECKING:
     from pipeline.reference import Mirror
     from pipeline.registry.credentials import Credential
 
-PASSWORD_ENV = "BMSYNC_PASSWORD"
 
 
 def add_parsers(sub: Any) -> None:
@@ -90,9 +87,7 @@ def _credential(args: argparse.Namespace, mirror: Mirror) -> Credential | None:
     """The mirror's login from the flags, or None: a login is optional here, never prompted."""
     from pipeline.registry.credentials import Credential, from_docker_config
 
-    password = args.password or os.environ.get(PASSWORD_ENV)
-    if args.password_stdin:
-        password = args.stdin_password
+    password = given_password(args)
     if args.username:
         if not password:
             raise UsageError(
@@ -126,7 +121,6 @@ def _endpoints_from_flags(args: argparse.Namespace) -> list[MirrorEndpoint]:
 def cmd_containerd_config(args: argparse.Namespace) -> int:
     from pipeline.containerd import FORMATS, read_cluster_config, render, settings, write_config
 
-    args.stdin_password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else None
     hosts = _split_hosts(args.hosts)
     gcr_key = args.gcr_key
     if args.from_cluster_config:

@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.cli import EXIT_PARTIAL, count, positive_int, verbosity
+from pipeline.cli import (
+    EXIT_PARTIAL,
+    PASSWORD_ENV,
+    count,
+    given_password,
+    positive_int,
+    verbosity,
+)
 from pipeline.errors import UsageError
 
 if TYPE_CHECKING:
@@ -18,7 +24,6 @@ if TYPE_CHECKING:
     from pipeline.registry.client import RegistryClient
     from pipeline.registry.credentials import Credential
 
-PASSWORD_ENV = "BMSYNC_PASSWORD"
 
 
 def _bool(text: str) -> bool:
@@ -107,9 +112,7 @@ def _credential(args: argparse.Namespace, mirror: Mirror) -> Credential | None:
 
     if not args.need_credential:
         return None
-    password = args.password or os.environ.get(PASSWORD_ENV)
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
+    password = given_password(args)
     if args.username:
         if not password:
             if not sys.stdin.isatty():

@@ -367,6 +367,20 @@ def test_basic_auth_password_stdin(basic_registry: RegistryServer, bundles: Bund
     assert sorted((e.method, e.path) for e in answered) == tag_heads(release.images), entries
 
 
+def test_password_stdin_serves_every_mirror_host(registry_factory: RegistryFactory,
+                                                 bundles: Bundles, release: Release,
+                                                 env: dict[str, str]) -> None:
+    """Standard input holds one password: it is read once, for all the mirror hosts."""
+    first, second = registry_factory(auth="basic"), registry_factory(auth="basic")
+    user, password = first.auth or ("", "")
+    run = push_images(bundles.get("zstd"), [mirror_of(first.host), mirror_of(second.host)],
+                      env=env, login=("--username", user, "--password-stdin"),
+                      stdin=password + "\n")
+    assert run.code == 0, run.output
+    for server in (first, second):
+        assert_mirror_holds(server.host, release.images, creds=(user, password))
+
+
 def test_token_auth_password_from_environment(token_registry: RegistryServer, bundles: Bundles,
                                               release: Release, env: dict[str, str]) -> None:
     user, password = token_registry.auth or ("", "")
