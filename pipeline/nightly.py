@@ -28,7 +28,7 @@ from pipeline.bundle.format import BundleManifest, parse_manifest, sidecar_manif
 from pipeline.errors import IntegrityError, NotYetArrived, StoreError
 from pipeline.jobconfig import PipelineConfig
 from pipeline.manifest import compute_digest
-from pipeline.objstore import ObjectStore, open_store
+from pipeline.objstore import ObjectStore
 from pipeline.publish import Catalog, read_catalog
 from pipeline.registry.connect import ClientPool
 from pipeline.release import (
@@ -39,6 +39,9 @@ from pipeline.release import (
     resolve_pins,
     resolve_release,
 )
+from pipeline.release import (
+    objects as release_objects,
+)
 from pipeline.store import atomic_write
 
 log = logging.getLogger("bmsync.nightly")
@@ -48,7 +51,6 @@ log = logging.getLogger("bmsync.nightly")
 class NightlyPlan:
     version: str
     changed: bool  # False: ``version`` is the published version holding these pins
-    lock: Lock | None  # the lock to build (None when nothing changed)
     reason: str  # one line for the log: why this version, full or delta
 
 
@@ -73,7 +75,7 @@ def run_number(scheme: str, day: date, release: str, version: str) -> int | None
 def plan_nightly(cfg: PipelineConfig, day: date, *, objects: ObjectStore | None = None,
                  clients: ClientPool | None = None) -> NightlyPlan:
     """Decide tonight's version (see the module docstring); writes its lock when new."""
-    objects = objects or open_store(cfg.object_store, endpoint_url=cfg.endpoint_url)
+    objects = objects or release_objects(cfg)
     pins = resolve_pins(cfg.images, clients or client_pool(cfg))
     platforms = tuple(str(p) for p in cfg.images.platforms)
     wanted = frozenset((p.source, p.digest) for p in pins)
@@ -84,7 +86,7 @@ def plan_nightly(cfg: PipelineConfig, day: date, *, objects: ObjectStore | None 
         manifest = _published_manifest(objects, latest)
         have = frozenset((i.source, i.upstream_digest) for i in manifest.images)
         if have == wanted and tuple(manifest.platforms) == platforms:
-            return NightlyPlan(latest, False, None,
+            return NightlyPlan(latest, False,
                                f"nothing changed since {latest}: no new version")
 
     newest_published = max((str(e.get("created", "")) for e in catalog.versions.values()),
@@ -93,7 +95,7 @@ def plan_nightly(cfg: PipelineConfig, day: date, *, objects: ObjectStore | None 
         if (lock.kind == "nightly" and lock.version not in catalog.versions
                 and lock.pins() == wanted and lock.platforms == platforms
                 and _stamp(lock.resolved) >= newest_published):
-            return NightlyPlan(lock.version, True, lock,
+            return NightlyPlan(lock.version, True,
                                f"finishing {lock.version}, resolved by an earlier run")
 
     release = cfg.images.release
@@ -102,8 +104,8 @@ def plan_nightly(cfg: PipelineConfig, day: date, *, objects: ObjectStore | None 
     n = 1 + max((t for t in taken if t is not None), default=0)
     version = version_name(cfg.version_scheme, day, n, release)
     base, reason = _choose_base(cfg, objects, catalog, version)
-    lock = resolve_release(cfg, version, kind="nightly", base=base, pins=pins)
-    return NightlyPlan(version, True, lock, f"{version}: {reason}")
+    resolve_release(cfg, version, kind="nightly", base=base, pins=pins)
+    return NightlyPlan(version, True, f"{version}: {reason}")
 
 
 def _stamp(epoch: int) -> str:

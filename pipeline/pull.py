@@ -44,7 +44,7 @@ from pipeline.progress import Progress, human_bytes
 from pipeline.reference import Reference
 from pipeline.registry.client import RegistryClient
 from pipeline.registry.connect import ClientPool
-from pipeline.store import PLATFORMS, UPSTREAM_DIGEST, BlobSink, Store
+from pipeline.store import PLATFORMS, UPSTREAM_DIGEST, BlobSink, Store, stored_upstream
 from pipeline.tagfilter import select_tags
 
 log = logging.getLogger("bmsync.pull")
@@ -200,9 +200,9 @@ class _Puller:
         entry = self.known.get(name)
         upstream: str | None = None  # of the stored image, when it is whole and reusable
         if entry is not None:
-            annotations = entry.get("annotations") or {}
-            if annotations.get(PLATFORMS, "") == wanted and self._complete(entry["digest"]):
-                upstream = annotations.get(UPSTREAM_DIGEST, entry["digest"])
+            upstream = stored_upstream(entry, wanted)
+            if upstream is not None and not self._complete(entry["digest"]):
+                upstream = None
         if entry is not None and upstream is not None:
             current = ref.digest or pin or client.head_manifest(
                 ref.repository, ref.identifier, what=str(ref)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,7 @@ from pipeline.errors import (
     UsageError,
 )
 from pipeline.jobconfig import PipelineConfig
-from pipeline.manifest import compute_digest, is_digest
+from pipeline.manifest import is_digest
 from pipeline.objstore import ObjectStore, open_store
 from pipeline.platform import parse_platform
 from pipeline.progress import Progress
@@ -48,7 +48,7 @@ from pipeline.publish import PublishReport, publish, read_catalog
 from pipeline.pull import ImageResult, pull_images, resolve_images, store_name
 from pipeline.reference import Reference, parse_reference
 from pipeline.registry.connect import ClientPool
-from pipeline.store import PLATFORMS, UPSTREAM_DIGEST, Store, atomic_write
+from pipeline.store import Store, atomic_write, stored_upstream
 
 log = logging.getLogger("bmsync.release")
 
@@ -217,19 +217,19 @@ def client_pool(cfg: PipelineConfig, concurrency: int = 8) -> ClientPool:
     return ClientPool(dict(cfg.images.registries), pool_size=max(16, concurrency * 2))
 
 
-def is_pulled(store: Store, image: PinnedImage, platforms: Sequence[str]) -> bool:
+def is_pulled(store: Store, image: PinnedImage, platforms: Sequence[str], *,
+              known: Mapping[str, Mapping[str, Any]] | None = None) -> bool:
     """Whether the store holds ``image`` at its pinned digest, filtered to ``platforms``.
 
-    Reads ``index.json`` only: an image is added there after all its blobs are stored.
+    Reads ``index.json`` only (``known``: its entries, read once by the caller): an
+    image is added there after all its blobs are stored.
     """
-    entry = store.images_by_name().get(image.source)
+    entry = (store.images_by_name() if known is None else known).get(image.source)
     if entry is None:
         return False
-    annotations = entry.get("annotations") or {}
     pinned_by_digest = parse_reference(image.source).digest is not None
     wanted = "" if pinned_by_digest else ",".join(platforms)
-    upstream = annotations.get(UPSTREAM_DIGEST, entry.get("digest"))
-    return bool(upstream == image.digest and annotations.get(PLATFORMS, "") == wanted)
+    return stored_upstream(entry, wanted) == image.digest
 
 
 def pull_pinned(cfg: PipelineConfig, image: PinnedImage, platforms: Sequence[str], *,
@@ -265,19 +265,20 @@ def build_release(cfg: PipelineConfig, lock: Lock, *,
     from pipeline.bundle.delta import load_base
 
     store = Store(cfg.store)
-    missing = [i.source for i in lock.images if not is_pulled(store, i, lock.platforms)]
+    known = store.images_by_name()
+    missing = [i.source for i in lock.images
+               if not is_pulled(store, i, lock.platforms, known=known)]
     if missing:
         raise StoreError(f"{missing[0]} is not in the store {cfg.store} at its locked digest",
                          hint="pull it first")
     base = None
     if lock.base is not None:
         base_path = cfg.version_dir(lock.version) / lock.base["file"]
-        raw = base_path.read_bytes() if base_path.is_file() else b""
-        if compute_digest(raw) != lock.base["digest"]:
+        base = load_base(base_path)  # reads and hashes it once; UsageError when missing
+        if base.ref.digest != lock.base["digest"]:
             raise IntegrityError(f"{base_path} does not have the digest {lock.base['digest']}"
                                  " the lock file recorded",
                                  hint="delete the version folder and run again")
-        base = load_base(base_path)
     if not lock.images:
         raise NotFound(f"the lock of {lock.version} lists no image")
     plan = plan_bundle(store, [i.source for i in lock.images], version=lock.version,

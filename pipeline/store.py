@@ -72,6 +72,17 @@ _DESCRIPTOR_FIELDS = frozenset(
 _DISK_HINT = "check free space and permissions of the store directory"
 
 
+def stored_upstream(entry: Mapping[str, Any], platforms: str) -> str | None:
+    """The upstream manifest digest an ``index.json`` entry was pulled from, when it
+    was pulled for ``platforms`` (comma-joined; "" means every platform); else None.
+    The one rule for "this stored image is that upstream image"."""
+    annotations = entry.get("annotations") or {}
+    if annotations.get(PLATFORMS, "") != platforms:
+        return None
+    upstream = annotations.get(UPSTREAM_DIGEST, entry.get("digest"))
+    return str(upstream) if upstream else None
+
+
 def split_digest(digest: str) -> tuple[str, str]:
     """``"sha256:<hex>"`` -> ``("sha256", "<hex>")``.
 
