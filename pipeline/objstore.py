@@ -128,9 +128,6 @@ class ObjectStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
-    def pending_uploads(self, prefix: str = "") -> list[str]:
-        """Keys with an unfinished multipart upload (always empty for file://)."""
-
 
 def open_store(url: str, *, endpoint_url: str | None = None) -> ObjectStore:
     """An object store for ``s3://bucket[/prefix]`` or ``file:///path``."""
@@ -241,6 +238,18 @@ def _open_direct(path: Path) -> int | None:
         return None
 
 
+@contextlib.contextmanager
+def _local_disk(partial: Path) -> Iterator[None]:
+    """An OSError of the download's own file is a StoreError naming it (a full disk
+    must not read as "connection lost, run it again")."""
+    try:
+        yield
+    except OSError as e:
+        raise StoreError(f"cannot write {partial}: {e.strerror or e}",
+                         hint=f"check the free space and permissions of {partial.parent}"
+                         ) from None
+
+
 def _close(fd: int, direct: int | None) -> None:
     if direct is not None:
         with contextlib.suppress(OSError):
@@ -278,13 +287,15 @@ def _download_ranges(partial: Path, info: ObjectInfo, where: str,
     size = info.size
     starts = range(0, size, RANGE_SIZE)
     done = _load_record(partial, info)
-    fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    with _local_disk(partial):
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     direct: list[int | None] = [None]  # None: write through the page cache
     opened_direct: int | None = None
     try:
         if not done:
-            _preallocate(fd, size)
-            _write_record(partial, info, done)
+            with _local_disk(partial):
+                _preallocate(fd, size)
+                _write_record(partial, info, done)
         kept = sum(min(RANGE_SIZE, size - s) for s in done)
         if kept and on_bytes:
             on_bytes(kept)
@@ -322,15 +333,16 @@ def _download_ranges(partial: Path, info: ObjectInfo, where: str,
             target = fd
             if direct[0] is not None and n % DIRECT_ALIGN == 0:
                 target = direct[0]
-            try:
-                written = os.pwrite(target, chunk, offset)
-            except OSError as e:
-                if target == fd or e.errno != errno.EINVAL:
-                    raise
-                direct[0] = None  # refused after all: the page cache from now on
-                written = os.pwrite(fd, chunk, offset)
-            while written < n:  # pwrite may write less (signals, quotas)
-                written += os.pwrite(fd, chunk[written:], offset + written)
+            with _local_disk(partial):
+                try:
+                    written = os.pwrite(target, chunk, offset)
+                except OSError as e:
+                    if target == fd or e.errno != errno.EINVAL:
+                        raise
+                    direct[0] = None  # refused after all: the page cache from now on
+                    written = os.pwrite(fd, chunk, offset)
+                while written < n:  # pwrite may write less (signals, quotas)
+                    written += os.pwrite(fd, chunk[written:], offset + written)
 
         def give_up(conflict: bool) -> None:
             # The file will not be whole: the hasher stops, ranges not started are
@@ -650,9 +662,6 @@ class FileStore:
         with contextlib.suppress(OSError):
             if path.parent != self.root:
                 path.parent.rmdir()
-
-    def pending_uploads(self, prefix: str = "") -> list[str]:
-        return []
 
 
 # -- s3:// ----------------------------------------------------------------------------------
@@ -986,9 +995,3 @@ class S3Store:
     def delete(self, key: str) -> None:
         self._call(key, "delete", lambda: self.client.delete_object(
             Bucket=self.bucket, Key=self._key(key)))
-
-    def pending_uploads(self, prefix: str = "") -> list[str]:
-        full = self._key(prefix) if prefix else self.prefix
-        resp = self._call(prefix, "list uploads", lambda: self.client.list_multipart_uploads(
-            Bucket=self.bucket, Prefix=full))
-        return [u["Key"] for u in resp.get("Uploads", [])]

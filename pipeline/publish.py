@@ -45,7 +45,14 @@ from pipeline.bundle.format import (
 from pipeline.bundle.reader import open_bundle
 from pipeline.bundle.split import find_parts, part_name
 from pipeline.bundle.verify import parse_sums, read_sidecar
-from pipeline.errors import Conflict, IntegrityError, NotFound, NotYetArrived, UsageError
+from pipeline.errors import (
+    Conflict,
+    IntegrityError,
+    NotFound,
+    NotYetArrived,
+    StoreError,
+    UsageError,
+)
 from pipeline.objstore import Downloaded, ObjectInfo, ObjectStore, discard_partial
 
 log = logging.getLogger("bmsync.publish")
@@ -265,7 +272,11 @@ def fetch(store: ObjectStore, release: str, to: Path, *,
             raise NotYetArrived(f"{store.url}: {v}/{f} has not arrived yet",
                                 hint="try again later")
         infos.append(info)
-    to.mkdir(parents=True, exist_ok=True)
+    try:
+        to.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create {to}: {e.strerror}",
+                         hint="choose another --to, or check its permissions") from None
     report = FetchReport(store.url, v, [], to / name, str(entry["digest"]), entry.get("base"))
     # The sidecar is written last, once every file checked out: if it is there with the
     # same content and every file has its size, this version was fetched already.

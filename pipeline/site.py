@@ -205,7 +205,9 @@ def containerd_current(site: SiteConfig) -> bool:
     for generated in render(containerd_settings(site), install_dir=node_dir):
         target = out.out / generated.path
         try:
-            if target.read_bytes() != generated.data:
+            # Content and mode, as write_config decides (a login file must be 0600).
+            if (target.read_bytes() != generated.data
+                    or (target.stat().st_mode & 0o777) != generated.mode):
                 return False
         except OSError:
             return False

@@ -56,10 +56,6 @@ def blob_member(digest: str) -> str:
     return BLOBS_PREFIX + digest.split(":", 1)[1]
 
 
-def member_digest(name: str) -> str:
-    return "sha256:" + name[len(BLOBS_PREFIX):]
-
-
 def allowed_member(name: str) -> bool:
     """The only names a bundle may hold."""
     return name in (BUNDLE_JSON, OCI_LAYOUT, INDEX_JSON) or bool(BLOB_NAME.match(name))

@@ -26,7 +26,7 @@ import lzma
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -88,7 +88,6 @@ class BuildResult:
     tar_size: int
     manifest: BundleManifest
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         m = self.manifest

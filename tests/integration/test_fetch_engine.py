@@ -717,3 +717,32 @@ def test_publish_fetch_object_rewritten_since_the_partial(small: None, tmp_path:
     report = fetch(store, "latest", to)
     assert report.bytes == size
     assert (to / name).read_bytes() == data
+
+
+@pytest.mark.timeout(60)
+def test_a_full_disk_is_a_store_error_not_a_lost_connection(
+        small: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write of the download's own file that fails (here ENOSPC, injected into
+    pwrite) names the file and says to check the disk; it is not retried as a network
+    failure, and the partial stays resumable."""
+    from pipeline.errors import StoreError
+
+    data = payload(3 * objstore.RANGE_SIZE)
+    store, info = put_object(tmp_path / "objects", "v/archive", data)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    partial = dest / ".archive.partial"
+    real = os.pwrite
+
+    def full(fd: int, buf: object, offset: int) -> int:
+        if offset >= objstore.RANGE_SIZE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, buf, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(objstore.os, "pwrite", full)
+    with pytest.raises(StoreError) as info_:
+        store.download("v/archive", partial, info=info, on_bytes=None)
+    assert str(partial) in str(info_.value) and "free space" in str(info_.value)
+    monkeypatch.setattr(objstore.os, "pwrite", real)
+    got = store.download("v/archive", partial, info=info, on_bytes=None)
+    check_complete(partial, data, got)
