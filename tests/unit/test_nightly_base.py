@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,8 @@ FULL_MANIFEST = b'{"the": "bundle.json of the full one"}\n'
 
 def catalog(deltas: int) -> Catalog:
     """One full version, then ``deltas`` deltas on it, one a day."""
-    versions = {"2026.01.01.1": {"created": "2026-01-01T00:00:00Z", "base": None}}
+    versions: dict[str, dict[str, Any]] = {
+        "2026.01.01.1": {"created": "2026-01-01T00:00:00Z", "base": None}}
     for n in range(deltas):
         versions[f"2026.01.{n + 2:02d}.1"] = {
             "created": f"2026-01-{n + 2:02d}T00:00:00Z",
