@@ -63,8 +63,16 @@ from pipeline.errors import (
 log = logging.getLogger("bmsync.objstore")
 
 CHUNK = 1024 * 1024
-PART_SIZE = 16 * 1024 * 1024
-PART_CONCURRENCY = 8
+# A multipart upload's parts: PART_SIZE each (larger when the file would need more than
+# MAX_PARTS of them, S3's limit), PART_CONCURRENCY in flight. Measured on 2 cores
+# against a loopback SeaweedFS (bench/transfer.py, 500 MB): what costs is the server's
+# CPU, and it grows with the bytes in flight (each request's body is buffered and
+# garbage-collected server-side): 16 MiB x 8 took 6.4-7.9 s of server CPU per upload,
+# 8 MiB x 4 5.4 s, and one part at a time leaves the server idle while a part's MD5 is
+# computed. Four streams is also rclone's default.
+PART_SIZE = 8 * 1024 * 1024
+PART_CONCURRENCY = 4
+MAX_PARTS = 10_000
 # A download's ranges, RANGE_STREAMS at once. Measured on 2 cores against a loopback
 # SeaweedFS (bench/transfer.py): 32 MiB ranges cost the client and the server less CPU
 # per byte than 8 or 16 MiB ones (fewer requests, fewer chunk lookups), and more than 4
@@ -667,6 +675,14 @@ class FileStore:
 # -- s3:// ----------------------------------------------------------------------------------
 
 
+def part_size_for(size: int) -> int:
+    """The part size of a multipart upload of ``size`` bytes: PART_SIZE, or the
+    smallest whole number of MiB that keeps the parts within MAX_PARTS."""
+    mib = 1024 * 1024
+    needed = -(-size // MAX_PARTS)
+    return max(PART_SIZE, -(-needed // mib) * mib)
+
+
 _clients: dict[str | None, Any] = {}
 _clients_lock = threading.Lock()
 
@@ -815,12 +831,13 @@ class S3Store:
     def _multipart(self, key: str, path: Path, size: int,
                    on_bytes: Callable[[int], None] | None) -> ObjectInfo:
         full = self._key(key)
-        upload_id, done = self._resumable(key, path, size)
+        part_size = part_size_for(size)
+        upload_id, done = self._resumable(key, size, part_size)
         if upload_id is None:
             resp = self._call(key, "start upload", lambda: self.client.create_multipart_upload(
                 Bucket=self.bucket, Key=full))
             upload_id = resp["UploadId"]
-        offsets = list(range(0, size, PART_SIZE))
+        offsets = list(range(0, size, part_size))
         results: dict[int, tuple[str, bytes]] = {}
         lock = threading.Lock()
         fd = os.open(path, os.O_RDONLY)
@@ -832,10 +849,10 @@ class S3Store:
             # bytearray Body is hashed (SigV4) and sent by botocore as it is, where bytes
             # are wrapped in BytesIO and copied twice more.
             buf: bytearray | None = getattr(buffers, "buf", None)
-            if length != PART_SIZE:
+            if length != part_size:
                 buf = bytearray(length)  # the last part
             elif buf is None:
-                buf = buffers.buf = bytearray(PART_SIZE)
+                buf = buffers.buf = bytearray(part_size)
             got = os.preadv(fd, [buf], offset)
             if got != length:
                 raise IntegrityError(f"{path}: changed while being uploaded (short read at"
@@ -843,7 +860,7 @@ class S3Store:
             return buf
 
         def send(number: int, offset: int) -> None:
-            length = min(PART_SIZE, size - offset)
+            length = min(part_size, size - offset)
             data = read_part(offset, length)
             md5 = hashlib.md5(data).digest()
             if number in done and done[number] == md5.hex():
@@ -881,8 +898,10 @@ class S3Store:
                                  f" {expected} computed locally")
         return ObjectInfo(key, size, etag or expected)
 
-    def _resumable(self, key: str, path: Path, size: int) -> tuple[str | None, dict[int, str]]:
-        """An unfinished upload of ``key`` to resume (its parts' md5 by number); others
+    def _resumable(self, key: str, size: int,
+                   part_size: int) -> tuple[str | None, dict[int, str]]:
+        """An unfinished upload of ``key`` to resume (its parts' md5 by number: those of
+        this part size only, so an upload begun with other parts keeps none); others
         for the same key are aborted."""
         full = self._key(key)
         resp = self._call(key, "list uploads", lambda: self.client.list_multipart_uploads(
@@ -901,7 +920,7 @@ class S3Store:
             self._abort(key, keep)
             return None, {}
         for p in listed.get("Parts", []):
-            expected = min(PART_SIZE, size - (p["PartNumber"] - 1) * PART_SIZE)
+            expected = min(part_size, size - (p["PartNumber"] - 1) * part_size)
             if p.get("Size") == expected:
                 done[int(p["PartNumber"])] = str(p.get("ETag", "")).strip('"')
         log.info("%s/%s: resuming an upload with %d parts already sent", self.url, key,

@@ -8,8 +8,8 @@ timer runs it, and is killed with SIGKILL where the issue asks what an interrupt
 leaves behind.
 
 Archives are written by bmsync's own bundle writer from stores the tests fill with
-random layers: one archive of over 100 MB (so S3 takes the multipart path, PART_SIZE
-being 16 MiB), and small ones for layout, races, corruption and pruning.
+random layers: one archive of over 100 MB (so S3 takes the multipart path in parts of
+PART_SIZE), and small ones for layout, races, corruption and pruning.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from tests.cli import ROOT, Run, bmsync
 from tests.harness import S3Server
 
 MIB = 1024 * 1024
-BIG_LAYER = 101 * MIB  # the archive lands just over 100 MiB, several 16 MiB parts
+BIG_LAYER = 101 * MIB  # the archive lands just over 100 MiB, several parts
 EPOCH = 1_700_000_000  # bundle "created" times: EPOCH + day * 86400, so order is known
 DAY = 86_400
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
