@@ -42,7 +42,7 @@ import mmap
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,17 +269,44 @@ class _Stopped(Exception):
     """Another range failed: this one stops early (never seen outside the engine)."""
 
 
+class RangeBody(Protocol):
+    """One range of an object being read: ``readinto`` fills the start of ``view`` with
+    the next bytes and returns how many (0 once the range has been read whole; a
+    connection lost before that raises); ``close`` ends the read, finished or not."""
+
+    def readinto(self, view: memoryview) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class _FileRange:
+    """A range of an open file, read with ``preadv`` (the file:// store's ranges)."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        self._fd, self._at, self._end = fd, start, start + length
+
+    def readinto(self, view: memoryview) -> int:
+        if self._at >= self._end:
+            return 0
+        n = os.preadv(self._fd, [view[:self._end - self._at]], self._at)
+        self._at += n
+        return n
+
+    def close(self) -> None:
+        pass
+
+
 def _download_ranges(partial: Path, info: ObjectInfo, where: str,
-                     read: Callable[[int, int], Generator[bytes | memoryview, None, None]],
+                     open_range: Callable[[int, int], RangeBody],
                      *, streams: int,
                      on_bytes: Callable[[int], None] | None) -> Downloaded:
-    """Fetch the object's ranges not yet in ``partial`` (``read(start, length)`` yields a
-    range's bytes in order), ``streams`` at once, each written at its offset; hash the
-    file in order meanwhile. Contract of ``ObjectStore.download``.
+    """Fetch the object's ranges not yet in ``partial`` (``open_range(start, length)``
+    gives a range's bytes in order), ``streams`` at once, each written at its offset;
+    hash the file in order meanwhile. Contract of ``ObjectStore.download``.
 
-    Threads: ``streams`` readers and one hasher. A reader copies what arrives into
-    1 MiB page-aligned buffers of a shared pool, writes each full buffer at its offset
-    (O_DIRECT where the file system allows: no copy into the page cache), and queues
+    Threads: ``streams`` readers and one hasher. A reader receives straight into 1 MiB
+    page-aligned buffers of a shared pool (no copy in between), writes each full buffer
+    at its offset (O_DIRECT where the file system allows: no copy into the page cache), and queues
     it for the hasher; it marks its range done (in memory, then in the record) only
     once every byte of it is written. The hasher takes the ranges in the object's
     order, hashing queued buffers and returning them to the pool (ranges an earlier
@@ -395,31 +422,28 @@ def _download_ranges(partial: Path, info: ObjectInfo, where: str,
 
             got = 0
             try:
-                with contextlib.closing(read(start, length)) as chunks:
-                    for chunk in chunks:
+                with contextlib.closing(open_range(start, length)) as body:
+                    while got < length:
                         if stop.is_set():
                             raise _Stopped
-                        if got + len(chunk) > length:
-                            raise TransportError(f"{where}: the server sent more than range"
-                                                 f" {start}-{start + length - 1}")
-                        at = 0
-                        while at < len(chunk):
-                            if buf is None:
-                                buf = take(start)
-                            n = min(CHUNK - filled, len(chunk) - at)
-                            buf[filled:filled + n] = chunk[at:at + n]
-                            filled += n
-                            at += n
-                            if filled == CHUNK:
-                                flush()
-                        got += len(chunk)
+                        if buf is None:
+                            buf = take(start)
+                        want = min(CHUNK - filled, length - got)
+                        n = body.readinto(buf[filled:filled + want])
+                        if not n:
+                            raise TransportError(
+                                f"{where}: short read of range {start}-{start + length - 1}"
+                                f" ({got} of {length} bytes)",
+                                hint="run the same command again: it resumes")
+                        filled += n
+                        got += n
                         if on_bytes:
-                            on_bytes(len(chunk))
-                if got != length:
-                    raise TransportError(
-                        f"{where}: short read of range {start}-{start + length - 1}"
-                        f" ({got} of {length} bytes)",
-                        hint="run the same command again: it resumes")
+                            on_bytes(n)
+                        if filled == CHUNK:
+                            flush()
+                    if body.readinto(memoryview(bytearray(1))):
+                        raise TransportError(f"{where}: the server sent more than range"
+                                             f" {start}-{start + length - 1}")
             except BaseException:
                 if buf is not None:  # the buffer being filled goes back to the pool
                     with cond:
@@ -636,17 +660,11 @@ class FileStore:
                 discard_partial(dest)
                 raise Conflict(f"{where} changed during the download")
 
-            def read(start: int, length: int) -> Generator[bytes | memoryview, None, None]:
-                end = start + length
-                view = aligned_buffer(CHUNK * 8)
-                while start < end:
-                    n = os.preadv(src, [view[:min(CHUNK * 8, end - start)]], start)
-                    if not n:
-                        return
-                    start += n
-                    yield view[:n]
+            def open_range(start: int, length: int) -> RangeBody:
+                return _FileRange(src, start, length)
 
-            return _download_ranges(dest, info, where, read, streams=1, on_bytes=on_bytes)
+            return _download_ranges(dest, info, where, open_range, streams=1,
+                                    on_bytes=on_bytes)
         finally:
             os.close(src)
 
@@ -688,12 +706,18 @@ _clients_lock = threading.Lock()
 
 
 def s3_client(endpoint_url: str | None = None) -> Any:
-    """The one shared boto3 client (boto3 clients are thread-safe) per endpoint."""
+    """The one shared boto3 client (boto3 clients are thread-safe) per endpoint.
+
+    Made from botocore's session, which is what ``boto3.client`` does underneath (same
+    credentials chain, profiles, region and environment), without importing boto3
+    itself: boto3 imports s3transfer for its managed transfers, which bmsync does not
+    use, and that import was a quarter of a short command's start-up.
+    """
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     with _clients_lock:
         client = _clients.get(endpoint)
         if client is None:
-            import boto3
+            import botocore.session
             from botocore.config import Config
 
             config = Config(
@@ -708,11 +732,53 @@ def s3_client(endpoint_url: str | None = None) -> Any:
                 response_checksum_validation="when_required",
                 max_pool_connections=PART_CONCURRENCY * 2,
             )
-            session = boto3.session.Session()
-            client = session.client("s3", endpoint_url=endpoint, config=config,
-                                    region_name=session.region_name or "us-east-1")
+            session = botocore.session.get_session()
+            region = session.get_config_variable("region") or "us-east-1"
+            client = session.create_client("s3", endpoint_url=endpoint, config=config,
+                                           region_name=region)
             _clients[endpoint] = client
         return client
+
+
+class _S3Range:
+    """The body of a ranged GET, read into the engine's buffers.
+
+    http.client's ``readinto`` fills the caller's buffer straight from the socket: no
+    new 1 MiB objects per read (fresh memory is slow on small VMs) and no copy (urllib3's
+    ``read(amt)`` allocates and copies twice per chunk). It says EOF with 0 where
+    ``read`` raises, so 0 before the range's end is raised as a lost connection."""
+
+    def __init__(self, body: Any, length: int) -> None:
+        self._body = body
+        self._left = length
+        raw: Any = getattr(body, "_raw_stream", None)
+        fp = getattr(raw, "_fp", None)
+        self._raw = raw
+        self._fp = fp if fp is not None and hasattr(fp, "readinto") else None
+
+    def readinto(self, view: memoryview) -> int:
+        from urllib3.exceptions import ProtocolError
+
+        if not self._left:
+            return 0
+        want = view[:self._left]
+        if self._fp is not None:
+            n = self._fp.readinto(want)
+        else:
+            chunk = self._body.read(len(want))
+            n = len(chunk)
+            want[:n] = chunk
+        if not n:
+            raise ProtocolError(f"connection closed {self._left} bytes before the end")
+        self._left -= n
+        return int(n)
+
+    def close(self) -> None:
+        try:
+            if not self._left and self._raw is not None:
+                self._raw.release_conn()  # read whole: the connection is reusable
+        finally:
+            self._body.close()
 
 
 class _NoSuchObject(NotFound):
@@ -938,12 +1004,11 @@ class S3Store:
         replaced object answers 412: Conflict). Bodies are read in 1 MiB chunks and
         written as they come, so memory holds a few chunks, not whole ranges."""
         from botocore.exceptions import BotoCoreError
-        from urllib3.exceptions import HTTPError, ProtocolError
+        from urllib3.exceptions import HTTPError
 
         where = f"{self.url}/{key}"
-        buffers = threading.local()
 
-        def read(start: int, length: int) -> Generator[bytes | memoryview, None, None]:
+        def open_range(start: int, length: int) -> RangeBody:
             end = start + length - 1
             args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key),
                                     "Range": f"bytes={start}-{end}"}
@@ -951,37 +1016,16 @@ class S3Store:
                 args["IfMatch"] = f'"{info.etag}"'
             resp = self._call(key, "read", lambda: self.client.get_object(**args))
             body = resp["Body"]
-            try:
-                # A server that ignores Range answers 200 with the whole object.
-                got = str(resp.get("ContentRange", ""))
-                if not got.startswith(f"bytes {start}-{end}/"):
-                    raise TransportError(f"{where}: asked for bytes {start}-{end}, got"
-                                         f" {got or 'the whole object'}")
-                # http.client's readinto fills one buffer per thread, reused for every
-                # chunk: no new 1 MiB objects per read (fresh memory is slow on small
-                # VMs; read(amt) through urllib3 allocates and copies twice per chunk).
-                raw: Any = getattr(body, "_raw_stream", None)
-                fp = getattr(raw, "_fp", None)
-                if fp is None or not hasattr(fp, "readinto"):
-                    while chunk := body.read(CHUNK):
-                        yield chunk
-                    return
-                view: memoryview | None = getattr(buffers, "view", None)
-                if view is None:
-                    view = buffers.view = memoryview(bytearray(CHUNK))
-                left = length
-                while left:
-                    n = fp.readinto(view[:min(CHUNK, left)])
-                    if not n:  # http.client's readinto says EOF, where read() raises
-                        raise ProtocolError(f"connection closed {left} bytes before the end")
-                    left -= n
-                    yield view[:n]
-                raw.release_conn()  # the whole body was read: the connection is reusable
-            finally:
+            # A server that ignores Range answers 200 with the whole object.
+            got = str(resp.get("ContentRange", ""))
+            if not got.startswith(f"bytes {start}-{end}/"):
                 body.close()
+                raise TransportError(f"{where}: asked for bytes {start}-{end}, got"
+                                     f" {got or 'the whole object'}")
+            return _S3Range(body, length)
 
         try:
-            return _download_ranges(dest, info, where, read, streams=RANGE_STREAMS,
+            return _download_ranges(dest, info, where, open_range, streams=RANGE_STREAMS,
                                     on_bytes=on_bytes)
         except (BotoCoreError, HTTPError, OSError) as e:
             kept = sum(min(RANGE_SIZE, info.size - s) for s in _load_record(dest, info))

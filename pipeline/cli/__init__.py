@@ -10,6 +10,7 @@ and the exit code of their class; see the README's table of exit codes.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -105,7 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The cyclic garbage collector's first generation runs every GC_THRESHOLD container
+# allocations instead of 700: starting up (imports, botocore's service model) allocates
+# hundreds of thousands of dicts and lists that all live to the end, and the default
+# traversed them again and again, 0.05-0.09 s of a 0.45 s `bmsync fetch` here. Cycles
+# are still collected, a little later; the older generations keep their defaults.
+GC_THRESHOLD = 50_000
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(-1 if args.quiet else args.verbose)

@@ -2,10 +2,10 @@
 
 Driven through the real ``FileStore`` (file://, no server), through
 ``pipeline.publish.fetch`` and, where a test needs to interrupt or slow a range at a
-chosen point, by calling the engine with a ``read`` of its own that serves the object's
-bytes the way a store does (a reused buffer, pieces that do not line up with the
-engine's chunks). The module's sizes are made small (monkeypatch) so that a few hundred
-KiB span many ranges, buffers and a short last chunk.
+chosen point, by calling the engine with an ``open_range`` of its own that serves the
+object's bytes the way a store does (into the engine's own buffers, in pieces that do
+not line up with the engine's chunks). The module's sizes are made small (monkeypatch)
+so that a few hundred KiB span many ranges, buffers and a short last chunk.
 
 The witness is always independent of the engine: ``hashlib.sha256`` of the source
 bytes, the destination file's bytes compared with the source, the record beside the
@@ -25,7 +25,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,10 +108,10 @@ def leftovers(directory: Path) -> list[str]:
 
 @dataclass
 class Served:
-    """An object's bytes served by range, like a store's ``read``: each piece is copied
-    into one reused buffer (as the S3 reader's ``readinto`` does), so an engine that kept
-    a piece past the next one would hash or write the wrong bytes. ``hook(start, k)``
-    runs before piece ``k`` of the range at ``start``: it may sleep or raise."""
+    """An object's bytes served by range, like a store's ``open_range``: each
+    ``readinto`` gives at most ``piece`` bytes, so the engine's buffers fill over
+    several reads that do not line up with its chunks. ``hook(start, k)`` runs before
+    piece ``k`` of the range at ``start``: it may sleep or raise."""
 
     data: bytes
     piece: int = 5000
@@ -120,28 +120,65 @@ class Served:
     consumed: dict[int, int] = field(default_factory=dict)  # pieces the engine took
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def read(self, start: int, length: int) -> Generator[bytes | memoryview, None, None]:
+    def open_range(self, start: int, length: int) -> ServedRange:
         with self.lock:
             self.started.append(start)
-        view = memoryview(bytearray(self.piece))
-        at, end, k = start, start + length, 0
-        while at < end:
-            if self.hook:
-                self.hook(start, k)
-            n = min(self.piece, end - at)
-            view[:n] = self.data[at:at + n]
-            yield view[:n]
-            view[:n] = b"\xee" * n  # the engine must have copied it by now
-            with self.lock:
-                self.consumed[start] = k + 1
-            at += n
-            k += 1
+        return ServedRange(self, start, start + length)
+
+
+@dataclass
+class ServedRange:
+    served: Served
+    start: int
+    end: int
+    k: int = 0
+    at: int = -1
+
+    def readinto(self, view: memoryview) -> int:
+        if self.at < 0:
+            self.at = self.start
+        if self.at >= self.end:
+            return 0
+        served = self.served
+        if served.hook:
+            served.hook(self.start, self.k)
+        n = min(served.piece, self.end - self.at, len(view))
+        view[:n] = served.data[self.at:self.at + n]
+        with served.lock:
+            served.consumed[self.start] = self.k + 1
+        self.at += n
+        self.k += 1
+        return n
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Pieces:
+    """A range served from a list of byte strings, one ``readinto`` each (a reader
+    that may end early or send more than the range)."""
+
+    pieces: list[bytes]
+
+    def readinto(self, view: memoryview) -> int:
+        if not self.pieces:
+            return 0
+        piece = self.pieces.pop(0)
+        n = min(len(piece), len(view))
+        view[:n] = piece[:n]
+        if n < len(piece):
+            self.pieces.insert(0, piece[n:])
+        return n
+
+    def close(self) -> None:
+        pass
 
 
 def run_engine(partial: Path, served: Served, *, streams: int, etag: str = "etag-1",
                on_bytes: Callable[[int], None] | None = None) -> objstore.Downloaded:
     info = ObjectInfo("obj", len(served.data), etag)
-    return _download_ranges(partial, info, "test://obj", served.read, streams=streams,
+    return _download_ranges(partial, info, "test://obj", served.open_range, streams=streams,
                             on_bytes=on_bytes)
 
 
@@ -350,7 +387,7 @@ def test_interrupted_download_resumes_through_the_filestore(small: None,
 
     served = Served(data, hook=fail_at(4 * R, 1))
     with pytest.raises(TransportError, match="range 131072"):
-        _download_ranges(partial, info, "test://obj", served.read, streams=3, on_bytes=None)
+        _download_ranges(partial, info, "test://obj", served.open_range, streams=3, on_bytes=None)
     done = recorded(partial)
     # Ranges 0-3 started before range 4 and run to their end; range 4 failed.
     assert {0, R, 2 * R, 3 * R} <= done
@@ -473,8 +510,8 @@ def test_short_and_overlong_ranges_fail(small: None, tmp_path: Path) -> None:
     size = 3 * R
     data = payload(size, seed=15)
 
-    def short(start: int, length: int) -> Generator[bytes, None, None]:
-        yield data[start:start + length - (1 if start == R else 0)]
+    def short(start: int, length: int) -> Pieces:
+        return Pieces([data[start:start + length - (1 if start == R else 0)]])
 
     partial = tmp_path / ".obj.partial"
     info = ObjectInfo("obj", size, "e")
@@ -482,10 +519,8 @@ def test_short_and_overlong_ranges_fail(small: None, tmp_path: Path) -> None:
         _download_ranges(partial, info, "test://obj", short, streams=2, on_bytes=None)
     assert R not in recorded(partial)
 
-    def overlong(start: int, length: int) -> Generator[bytes, None, None]:
-        yield data[start:start + length]
-        if start == 2 * R:
-            yield b"x"
+    def overlong(start: int, length: int) -> Pieces:
+        return Pieces([data[start:start + length], *([b"x"] if start == 2 * R else [])])
 
     partial2 = tmp_path / ".obj2.partial"
     with pytest.raises(TransportError, match="more than range"):
@@ -654,7 +689,7 @@ def test_publish_fetch_resumes_an_interrupted_download(small: None, tmp_path: Pa
     partial = to / f".{name}.partial"
     served = Served(data, hook=fail_at(4 * R, 1))
     with pytest.raises(TransportError):
-        _download_ranges(partial, info, "test://obj", served.read, streams=3, on_bytes=None)
+        _download_ranges(partial, info, "test://obj", served.open_range, streams=3, on_bytes=None)
     kept = kept_bytes(recorded(partial), size)
     assert 0 < kept < size
 
@@ -679,8 +714,9 @@ def test_publish_fetch_redownloads_a_resume_that_does_not_verify(small: None,
     to.mkdir()
     partial = to / f".{name}.partial"
     with pytest.raises(TransportError):
-        _download_ranges(partial, info, "test://obj", Served(data, hook=fail_from(2 * R, 0)).read,
-                         streams=1, on_bytes=None)
+        failing = Served(data, hook=fail_from(2 * R, 0))
+        _download_ranges(partial, info, "test://obj", failing.open_range, streams=1,
+                         on_bytes=None)
     done = recorded(partial)
     assert done == {0, R}
     with open(partial, "r+b") as f:  # the kept range 1 lost its bytes
@@ -708,8 +744,9 @@ def test_publish_fetch_object_rewritten_since_the_partial(small: None, tmp_path:
     to.mkdir()
     partial = to / f".{name}.partial"
     with pytest.raises(TransportError):
-        _download_ranges(partial, info, "test://obj", Served(data, hook=fail_from(2 * R, 0)).read,
-                         streams=1, on_bytes=None)
+        failing = Served(data, hook=fail_from(2 * R, 0))
+        _download_ranges(partial, info, "test://obj", failing.open_range, streams=1,
+                         on_bytes=None)
     assert recorded(partial) == {0, R}
     obj = root / "1.0" / name
     obj.write_bytes(data)
