@@ -105,6 +105,15 @@ class Downloaded:
     kept: int
 
 
+@dataclass(frozen=True)
+class Uploaded:
+    """A finished upload: the object, and the bytes this call sent (parts an
+    interrupted earlier upload left on the server are kept, not sent again)."""
+
+    info: ObjectInfo
+    sent: int
+
+
 class ObjectStore(Protocol):
     url: str
 
@@ -118,7 +127,9 @@ class ObjectStore(Protocol):
     def head(self, key: str) -> ObjectInfo | None: ...
 
     def upload_file(self, key: str, path: Path, *,
-                    on_bytes: Callable[[int], None] | None = None) -> ObjectInfo: ...
+                    on_bytes: Callable[[int], None] | None = None) -> Uploaded:
+        """Upload the file whole as ``key``, resuming an interrupted multipart upload
+        of the same file where the backend has one; ``on_bytes`` sees kept bytes too."""
 
     def download(self, key: str, dest: Path, *, info: ObjectInfo,
                  on_bytes: Callable[[int], None] | None = None) -> Downloaded:
@@ -622,7 +633,7 @@ class FileStore:
         return ObjectInfo(key, st.st_size, f"{int(st.st_mtime_ns)}-{st.st_size}")
 
     def upload_file(self, key: str, path: Path, *,
-                    on_bytes: Callable[[int], None] | None = None) -> ObjectInfo:
+                    on_bytes: Callable[[int], None] | None = None) -> Uploaded:
         target = self._path(key)
         self._mkdir(target.parent)
         # A fixed name: a publish killed mid-copy leaves a partial the next one replaces.
@@ -643,7 +654,7 @@ class FileStore:
             raise
         info = self.head(key)
         assert info is not None
-        return info
+        return Uploaded(info, info.size)
 
     def download(self, key: str, dest: Path, *, info: ObjectInfo,
                  on_bytes: Callable[[int], None] | None = None) -> Downloaded:
@@ -881,7 +892,7 @@ class S3Store:
         return ObjectInfo(key, int(resp["ContentLength"]), str(resp.get("ETag", "")).strip('"'))
 
     def upload_file(self, key: str, path: Path, *,
-                    on_bytes: Callable[[int], None] | None = None) -> ObjectInfo:
+                    on_bytes: Callable[[int], None] | None = None) -> Uploaded:
         size = path.stat().st_size
         if size <= PART_SIZE:
             data = path.read_bytes()
@@ -891,11 +902,11 @@ class S3Store:
             if etag and etag != hashlib.md5(data).hexdigest():
                 raise IntegrityError(f"{self.url}/{key}: the server stored other bytes (ETag"
                                      f" {etag})")
-            return ObjectInfo(key, size, etag)
+            return Uploaded(ObjectInfo(key, size, etag), size)
         return self._multipart(key, path, size, on_bytes)
 
     def _multipart(self, key: str, path: Path, size: int,
-                   on_bytes: Callable[[int], None] | None) -> ObjectInfo:
+                   on_bytes: Callable[[int], None] | None) -> Uploaded:
         full = self._key(key)
         part_size = part_size_for(size)
         upload_id, done = self._resumable(key, size, part_size)
@@ -905,6 +916,7 @@ class S3Store:
             upload_id = resp["UploadId"]
         offsets = list(range(0, size, part_size))
         results: dict[int, tuple[str, bytes]] = {}
+        sent = [0]
         lock = threading.Lock()
         fd = os.open(path, os.O_RDONLY)
         buffers = threading.local()
@@ -944,6 +956,7 @@ class S3Store:
                                      f" not {md5.hex()}")
             with lock:
                 results[number] = (md5.hex(), md5)
+                sent[0] += length
             if on_bytes:
                 on_bytes(length)
 
@@ -962,7 +975,7 @@ class S3Store:
         if etag and etag != expected:
             raise IntegrityError(f"{self.url}/{key}: the server's ETag {etag} is not the"
                                  f" {expected} computed locally")
-        return ObjectInfo(key, size, etag or expected)
+        return Uploaded(ObjectInfo(key, size, etag or expected), sent[0])
 
     def _resumable(self, key: str, size: int,
                    part_size: int) -> tuple[str | None, dict[int, str]]:

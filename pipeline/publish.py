@@ -179,9 +179,9 @@ def publish(path: Path, store: ObjectStore, *,
             if on_bytes:
                 on_bytes(have.size)
             continue
-        store.upload_file(key, p, on_bytes=on_bytes)
+        done = store.upload_file(key, p, on_bytes=on_bytes)
         report.uploaded.append(key)
-        report.bytes += p.stat().st_size
+        report.bytes += done.sent
     small = [(f"{v}/{local.sidecar.name}", local.sidecar.read_bytes()),
              (f"{v}/{sidecar_manifest_name(v)}", local.manifest_raw)]
     for key, data in small:

@@ -323,6 +323,7 @@ def test_resumed_publish_sends_only_the_missing_parts(
     missing = big.size - kept * part  # the wrong part is sent again
     assert missing <= sent <= missing + OVERHEAD, (sent, missing)
     assert "resuming an upload with 4 parts already sent" in done.stderr
+    assert done.json()["bytesUploaded"] == missing
     body = client.get_object(Bucket=s3_server.bucket, Key=key)["Body"]
     h = hashlib.sha256()
     while chunk := body.read(8 * 1024 * 1024):
