@@ -28,6 +28,7 @@ counts from the registry's access log. Later benchmarks (push, transfer) registe
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import shutil
 import statistics
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where to put registries and stores (default: a temp dir)")
     args = parser.parse_args(argv)
+    _compile_bmsync()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bmsync-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -290,6 +292,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _compile_bmsync() -> None:
+    """Byte-compile bmsync's own modules first. With PYTHONDONTWRITEBYTECODE set (it is
+    on the development machines) a module changed since the last ``make install`` would
+    otherwise be compiled again by every timed bmsync process, 30 ms for objstore alone,
+    while the peers pay nothing of the kind."""
+    for package in ("pipeline", "tasks"):
+        compileall.compile_dir(ROOT / package, quiet=2)
 
 
 def _unique_bytes(registry: RegistryServer) -> int:

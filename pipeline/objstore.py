@@ -317,14 +317,14 @@ def _download_ranges(partial: Path, info: ObjectInfo, where: str,
 
     Threads: ``streams`` readers and one hasher. A reader receives straight into 1 MiB
     page-aligned buffers of a shared pool (no copy in between), writes each full buffer
-    at its offset (O_DIRECT where the file system allows: no copy into the page cache), and queues
-    it for the hasher; it marks its range done (in memory, then in the record) only
-    once every byte of it is written. The hasher takes the ranges in the object's
-    order, hashing queued buffers and returning them to the pool (ranges an earlier
-    run wrote are read back from the file), so the hash ends soon after the last byte
-    arrives. Readers of ranges ahead of the hasher leave a few buffers free for the
-    range it waits for, so memory stays at POOL_BUFFERS MiB. Ranges already done stay
-    recorded.
+    at its offset (O_DIRECT where the file system allows: no copy into the page cache),
+    and queues it for the hasher; it marks its range done (in memory, then in the
+    record) only once every byte of it is written. The hasher takes the ranges in the
+    object's order, hashing queued buffers and returning them to the pool (ranges an
+    earlier run wrote are read back from the file), so the hash ends soon after the
+    last byte arrives. Readers of ranges ahead of the hasher leave a few buffers free
+    for the range it waits for, so memory stays at POOL_BUFFERS MiB. Ranges already
+    done stay recorded.
 
     The first failure drops the ranges not started yet; those being read go on to
     their end (a lost connection on one does not waste the others' bytes), except
@@ -768,8 +768,6 @@ class _S3Range:
         self._fp = fp if fp is not None and hasattr(fp, "readinto") else None
 
     def readinto(self, view: memoryview) -> int:
-        from urllib3.exceptions import ProtocolError
-
         if not self._left:
             return 0
         want = view[:self._left]
@@ -780,6 +778,8 @@ class _S3Range:
             n = len(chunk)
             want[:n] = chunk
         if not n:
+            from urllib3.exceptions import ProtocolError
+
             raise ProtocolError(f"connection closed {self._left} bytes before the end")
         self._left -= n
         return int(n)
