@@ -1,6 +1,6 @@
 """Object storage for the air gap: one interface, two backends (DESIGN.md §6).
 
-``s3://bucket/prefix`` goes through one shared boto3 client (any S3 endpoint: the
+``s3://bucket/prefix`` goes through one shared botocore client (any S3 endpoint: the
 ``endpoint_url`` argument or ``AWS_ENDPOINT_URL``, standard AWS environment and
 profiles; path-style addressing for on-premises servers; standard retries; checksums
 only when required, so non-AWS servers work). ``file:///path`` is the embedded default:
@@ -717,7 +717,7 @@ _clients_lock = threading.Lock()
 
 
 def s3_client(endpoint_url: str | None = None) -> Any:
-    """The one shared boto3 client (boto3 clients are thread-safe) per endpoint.
+    """The one shared S3 client (botocore clients are thread-safe) per endpoint.
 
     Made from botocore's session, which is what ``boto3.client`` does underneath (same
     credentials chain, profiles, region and environment), without importing boto3
@@ -769,6 +769,10 @@ class _S3Range:
 
     def readinto(self, view: memoryview) -> int:
         if not self._left:
+            # The range is read: the body must end here. Reading on finishes a chunked
+            # body (its last chunk) or finds the byte a server sent beyond the range.
+            if self._fp is not None and not self._fp.isclosed():
+                return int(self._fp.readinto(view[:1]))
             return 0
         want = view[:self._left]
         if self._fp is not None:
@@ -786,8 +790,10 @@ class _S3Range:
 
     def close(self) -> None:
         try:
-            if not self._left and self._raw is not None:
-                self._raw.release_conn()  # read whole: the connection is reusable
+            # Only a body read to its very end leaves the connection fit for the next
+            # request; any other is closed with the body.
+            if self._fp is not None and self._fp.isclosed() and self._raw is not None:
+                self._raw.release_conn()
         finally:
             self._body.close()
 
@@ -922,7 +928,7 @@ class S3Store:
         buffers = threading.local()
 
         def read_part(offset: int, length: int) -> bytearray:
-            # One buffer per sending thread, reused for its parts: fresh 16 MiB objects
+            # One buffer per sending thread, reused for its parts: fresh part-sized objects
             # for every part cost page faults here (0.4 s of CPU per 500 MB), and a
             # bytearray Body is hashed (SigV4) and sent by botocore as it is, where bytes
             # are wrapped in BytesIO and copied twice more.
@@ -992,16 +998,24 @@ class S3Store:
             self._abort(key, u["UploadId"])
         if keep is None:
             return None, {}
+        from botocore.exceptions import BotoCoreError, ClientError
+
         done: dict[int, str] = {}
-        try:
-            listed = self.client.list_parts(Bucket=self.bucket, Key=full, UploadId=keep)
-        except Exception:  # noqa: BLE001 - an upload we cannot list is started afresh
-            self._abort(key, keep)
-            return None, {}
-        for p in listed.get("Parts", []):
-            expected = min(part_size, size - (p["PartNumber"] - 1) * part_size)
-            if p.get("Size") == expected:
-                done[int(p["PartNumber"])] = str(p.get("ETag", "")).strip('"')
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": full, "UploadId": keep}
+        while True:  # S3 lists at most 1000 parts a page
+            try:
+                listed = self.client.list_parts(**args)
+            except (ClientError, BotoCoreError):  # an upload we cannot list starts afresh
+                self._abort(key, keep)
+                return None, {}
+            for p in listed.get("Parts", []):
+                expected = min(part_size, size - (p["PartNumber"] - 1) * part_size)
+                if p.get("Size") == expected:
+                    done[int(p["PartNumber"])] = str(p.get("ETag", "")).strip('"')
+            marker = listed.get("NextPartNumberMarker")
+            if not listed.get("IsTruncated") or not marker:
+                break
+            args["PartNumberMarker"] = marker
         log.info("%s/%s: resuming an upload with %d parts already sent", self.url, key,
                  len(done))
         return keep, done
@@ -1031,10 +1045,15 @@ class S3Store:
             body = resp["Body"]
             # A server that ignores Range answers 200 with the whole object.
             got = str(resp.get("ContentRange", ""))
+            sent = resp.get("ContentLength")
             if not got.startswith(f"bytes {start}-{end}/"):
                 body.close()
                 raise TransportError(f"{where}: asked for bytes {start}-{end}, got"
                                      f" {got or 'the whole object'}")
+            if sent is not None and int(sent) != length:
+                body.close()
+                raise TransportError(f"{where}: range {start}-{end} came with a body of"
+                                     f" {sent} bytes, not {length}")
             return _S3Range(body, length)
 
         try:

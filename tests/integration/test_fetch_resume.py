@@ -11,7 +11,8 @@ bmsync says about itself, to show that:
 - when the object was replaced between the two runs (new ETag), the next run starts
   over from the first byte: bytes of the old and new objects are never stitched;
 - a publish that finds the parts of an interrupted multipart upload on the server sends
-  only the parts missing, and the object it completes is the archive, byte for byte.
+  only the parts missing, and the object it completes is the archive, byte for byte;
+  parts of another size (S3's part limit made them grow) are all sent again.
 """
 
 from __future__ import annotations
@@ -329,5 +330,40 @@ def test_resumed_publish_sends_only_the_missing_parts(
     while chunk := body.read(8 * 1024 * 1024):
         h.update(chunk)
     assert h.hexdigest() == big.sha256
+    assert client.list_multipart_uploads(Bucket=s3_server.bucket,
+                                         Prefix=f"{prefix}/").get("Uploads", []) == []
+
+
+def test_parts_grow_past_the_part_limit_and_parts_of_another_size_are_sent_again(
+        s3_server: S3Server, relay: Relay, big: Built, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With S3's part limit lowered to 4, the archive goes up in 4 parts of a whole
+    number of MiB. An interrupted upload left parts of the default size: none of them
+    can be kept (their sizes do not match), so every byte is sent again."""
+    from pipeline import objstore
+
+    monkeypatch.setattr(objstore, "MAX_PARTS", 4)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    part = objstore.part_size_for(big.size)
+    assert part > objstore.PART_SIZE and part % (1024 * 1024) == 0
+    prefix = f"t-{uuid.uuid4().hex[:12]}"
+    key = f"{prefix}/{big.name}"
+    data = big.archive.read_bytes()
+    client = s3_server.client()
+    upload = client.create_multipart_upload(Bucket=s3_server.bucket, Key=key)["UploadId"]
+    for number in (1, 2):
+        at = (number - 1) * objstore.PART_SIZE
+        client.upload_part(Bucket=s3_server.bucket, Key=key, UploadId=upload,
+                           PartNumber=number, Body=data[at:at + objstore.PART_SIZE])
+    relay.take_sent()
+
+    store = objstore.S3Store(s3_server.bucket, prefix, endpoint_url=relay.endpoint)
+    done = store.upload_file(big.name, big.archive)
+    assert done.sent == big.size
+    assert big.size <= relay.take_sent() <= big.size + OVERHEAD
+    head = client.head_object(Bucket=s3_server.bucket, Key=key)
+    assert head["ETag"].strip('"').endswith("-4"), head["ETag"]
+    body = client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == big.sha256
     assert client.list_multipart_uploads(Bucket=s3_server.bucket,
                                          Prefix=f"{prefix}/").get("Uploads", []) == []
