@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -355,6 +356,40 @@ def test_o_direct_write_refused_falls_back_to_the_page_cache(
     store, info = put_object(tmp_path / "objects", "v/archive", data)
     partial2 = tmp_path / ".archive.partial"
     check_complete(partial2, data, store.download("v/archive", partial2, info=info))
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache, as util-linux's ``fincore`` counts them."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+@pytest.mark.timeout(60)
+def test_whole_chunks_bypass_the_page_cache(monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
+    """Whole chunks are written with O_DIRECT: after the download only the short tail
+    of the file is in the page cache. The same download with O_DIRECT unavailable
+    leaves the whole file there (so the witness can see the difference here)."""
+    size = 3 * objstore.CHUNK + 100
+    data = payload(size, seed=9)
+    store, info = put_object(tmp_path / "objects", "v/archive", data)
+    probe = tmp_path / "probe"
+    probe.touch()
+    os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))  # fails where O_DIRECT is refused
+
+    # The residency is read before the file's bytes are compared (reading them back
+    # brings them into the page cache).
+    direct = tmp_path / ".direct.partial"
+    got = store.download("v/archive", direct, info=info)
+    assert resident_bytes(direct) <= 4096, "whole chunks went through the page cache"
+    check_complete(direct, data, got)
+
+    monkeypatch.delattr(os, "O_DIRECT")
+    cached = tmp_path / ".cached.partial"
+    got = store.download("v/archive", cached, info=info)
+    assert resident_bytes(cached) >= size - 4096
+    check_complete(cached, data, got)
 
 
 # -- interrupted, then resumed ---------------------------------------------------------------
