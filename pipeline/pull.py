@@ -354,30 +354,33 @@ class _Puller:
             self._moved(n)
 
         def fetch(offset: int, sink: BlobSink) -> None:
-            client.fetch_blob(
-                ref.repository, desc.digest, _CountingSink(sink, count), size=desc.size
-            )
+            # A body cut mid-way is resumed here, inside the store's download: the sink
+            # keeps its offset and running hash, so a retry neither fetches nor re-reads
+            # what arrived (re-entering ensure_blob would hash the whole partial file
+            # again on every attempt). Refused connections and server errors were
+            # already retried by the transport.
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    client.fetch_blob(
+                        ref.repository, desc.digest, _CountingSink(sink, count), size=desc.size
+                    )
+                    return
+                except ConnectionLost as e:
+                    if attempt >= BLOB_ATTEMPTS:
+                        raise
+                    delay = client.transport.policy.backoff(attempt)
+                    log.debug("%s; resuming in %.1fs", e, delay)
+                    time.sleep(delay)
 
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                fetched = self.store.ensure_blob(desc.digest, desc.size, fetch)
-            except ConnectionLost as e:
-                # Only a body cut mid-way is resumed here: refused connections and server
-                # errors were already retried by the transport.
-                if attempt >= BLOB_ATTEMPTS:
-                    raise
-                delay = client.transport.policy.backoff(attempt)
-                log.debug("%s; resuming in %.1fs", e, delay)
-                time.sleep(delay)
-                continue
-            with self._lock:
-                if fetched:
-                    self.blobs_fetched += 1
-                else:
-                    self.blobs_present += 1
-            return moved if fetched else 0
+        fetched = self.store.ensure_blob(desc.digest, desc.size, fetch)
+        with self._lock:
+            if fetched:
+                self.blobs_fetched += 1
+            else:
+                self.blobs_present += 1
+        return moved if fetched else 0
 
 
 class _CountingSink:

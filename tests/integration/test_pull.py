@@ -415,6 +415,46 @@ def test_cut_body_resumes_with_range(registry, image_factory, fault_proxy, tmp) 
     assert store_blob(tmp / "store", layer.digest).read_bytes() == layer.data
 
 
+def test_cut_bodies_resume_without_rereading_the_partial(  # type: ignore[no-untyped-def]
+        registry, image_factory, fault_proxy, tmp, monkeypatch) -> None:
+    """Three cuts in one pull: each retry asks for the rest (Range) and carries on with
+    the running hash, so the partial file is read back once at most (when the store
+    opens it), not once per attempt."""
+    from pipeline import store as store_module
+    from pipeline.config import RegistrySettings
+    from pipeline.pull import pull_images
+    from pipeline.reference import parse_reference
+    from pipeline.registry.connect import ClientPool
+    from pipeline.store import Store
+
+    img = _one_image(registry, image_factory, 2_000_000)
+    layer = img.layers[0]
+    proxy = fault_proxy(registry)
+    for keep in (400_000, 300_000, 300_000):
+        proxy.add_rule(CutBody(keep), method="GET", path=layer.digest, times=1)
+    read_back: list[int] = []
+    real_file_digest = hashlib.file_digest
+
+    def counting(file, algorithm):  # type: ignore[no-untyped-def]
+        read_back.append(file.seek(0, 2))  # the partial's length when it is hashed
+        file.seek(0)
+        return real_file_digest(file, algorithm)
+
+    monkeypatch.setattr(store_module.hashlib, "file_digest", counting)
+    clients = ClientPool({GCR: RegistrySettings(GCR, endpoint=proxy.url)})
+    report = pull_images([parse_reference(f"{GCR}/fault/app:1")], Store(tmp / "store"), clients)
+    assert not report.failed, report.failed
+    layer_reqs = [r for r in proxy.requests if r.path.endswith(layer.digest)]
+    assert len(layer_reqs) == 4
+    starts = [int(re.fullmatch(r"bytes=(\d+)-", r.range or "bytes=0-").group(1))  # type: ignore[union-attr]
+              for r in layer_reqs]
+    assert starts[0] == 0 and starts == sorted(starts) and starts[-1] > 900_000, starts
+    # The layer's partial was hashed from disk once, when it was empty; the retries
+    # went on with the running hash.
+    assert read_back.count(0) >= 1 and max(read_back) == 0, read_back
+    assert store_blob(tmp / "store", layer.digest).read_bytes() == layer.data
+
+
 def test_interrupted_pull_resumes_on_rerun(registry, image_factory, fault_proxy, tmp) -> None:  # type: ignore[no-untyped-def]
     img = _one_image(registry, image_factory, 2_000_000)
     layer = img.layers[0]
