@@ -37,7 +37,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
@@ -683,6 +683,26 @@ class Store:
         points at a missing manifest. An entry with the same ref name is replaced;
         entries stay sorted by ref name. Atomic and safe against concurrent writers.
         """
+        self.add_images([(ref_name, descriptor)])
+
+    def add_images(self, images: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
+        """:meth:`add_image` for several images at once: every descriptor is checked
+        first (nothing is written if one is refused), then index.json is rewritten once,
+        under the index lock."""
+        entries = [self._index_entry(ref_name, descriptor) for ref_name, descriptor in images]
+        names = {_ref_name(e) for e in entries}
+        with _exclusive(self._meta / "locks" / "index.lock"):
+            index = self._read_index()
+            kept = [m for m in index["manifests"] if _ref_name(m) not in names]
+            kept.extend(entries)
+            kept.sort(key=lambda m: (_ref_name(m) or "", str(m.get("digest", ""))))
+            index["manifests"] = kept
+            index.setdefault("schemaVersion", 2)
+            index.setdefault("mediaType", INDEX_MEDIA_TYPE)
+            self._write_json(self.root / "index.json", index)
+
+    def _index_entry(self, ref_name: str, descriptor: Mapping[str, Any]) -> dict[str, Any]:
+        """The index.json entry for ``ref_name``, checked as :meth:`add_image` says."""
         if not ref_name:
             raise ValueError("empty ref name")
         unknown = set(descriptor) - _DESCRIPTOR_FIELDS
@@ -708,15 +728,7 @@ class Store:
         annotations = dict(descriptor.get("annotations") or {})
         annotations[REF_NAME_ANNOTATION] = ref_name
         entry["annotations"] = annotations
-        with _exclusive(self._meta / "locks" / "index.lock"):
-            index = self._read_index()
-            kept = [m for m in index["manifests"] if _ref_name(m) != ref_name]
-            kept.append(entry)
-            kept.sort(key=lambda m: (_ref_name(m) or "", str(m.get("digest", ""))))
-            index["manifests"] = kept
-            index.setdefault("schemaVersion", 2)
-            index.setdefault("mediaType", INDEX_MEDIA_TYPE)
-            self._write_json(self.root / "index.json", index)
+        return entry
 
     def images(self) -> list[dict[str, Any]]:
         """The index.json entries (fresh copies), sorted by ref name as stored."""

@@ -8,7 +8,8 @@ leaves nothing at ``DIR``.
 
 A delta extracts only onto a layout that already holds its base (``onto``): every blob
 the delta leaves out must be present there first (named if not); new blobs are written
-atomically (temp file, fsync, rename) and ``index.json`` is merged last.
+atomically (temp file, fsync, rename) and ``index.json`` is merged last (under the
+store's index lock when the layout is a bmsync store, which a pull may be writing).
 
 Members go through the strict reader (:mod:`pipeline.bundle.reader`): no path outside
 the destination can be written, whatever the archive holds.
@@ -30,7 +31,7 @@ from pipeline.bundle.reader import BundleReader, open_bundle
 from pipeline.bundle.verify import check_sums, expected_sums
 from pipeline.errors import IntegrityError, StoreError, UsageError
 from pipeline.manifest import OCI_INDEX
-from pipeline.store import OCI_LAYOUT_BYTES, atomic_write, fsync_dir
+from pipeline.store import OCI_LAYOUT_BYTES, Store, atomic_write, fsync_dir
 
 CHUNK = 1024 * 1024
 
@@ -107,7 +108,14 @@ def _extract_onto(reader: BundleReader, onto: Path, sums: dict[str, str] | None)
         )
     blobs_dir.mkdir(parents=True, exist_ok=True)
     written, nbytes = _write_blobs(reader, blobs_dir, sums)
-    _merge_index(onto / "index.json", json.loads(reader.index_json))
+    incoming = json.loads(reader.index_json)
+    if (onto / ".bmsync").is_dir():
+        # A bmsync store (pulls may be writing its index at this very moment): merge
+        # under its index lock, as its own writers do.
+        Store(onto).add_images(
+            (m["annotations"][REF_NAME], m) for m in incoming.get("manifests", []))
+    else:
+        _merge_index(onto / "index.json", incoming)
     atomic_write(onto / BUNDLE_JSON, reader.manifest_raw)
     return ExtractResult(onto, reader.manifest.version, len(reader.manifest.images), written,
                          nbytes)

@@ -302,3 +302,51 @@ def test_build_fails_without_writing_when_an_image_fails(
     assert run.code == 5, run.output
     assert "missing:1" in run.stderr and "no archive written" in run.stderr
     assert not (tmp / "out").exists() or not any((tmp / "out").iterdir())
+
+
+def test_extract_onto_a_store_waits_for_its_index_lock(registry: RegistryServer,
+                                                       release: dict[str, Any],
+                                                       tmp: Path) -> None:
+    """``extract --onto`` a bmsync store merges index.json under the store's index lock,
+    as a pull into that store does: while another holder has the lock, the blobs land
+    but the index is left alone; once it is released, the bundle's images join the
+    entries already there (none is lost)."""
+    import fcntl
+    import os
+    import sys
+    import time
+
+    from pipeline.store import Store
+    from tests.cli import ROOT
+
+    images = release["images"]
+    archive = _build(tmp, _config(tmp, registry, list(images))) / "bmpackages_1.30.0.tar.zst"
+    site = Store(tmp / "site-store")
+    kept = site.write_blob(b'{"schemaVersion": 2}')
+    oci_manifest = "application/vnd.oci.image.manifest.v1+json"
+    site.add_image("example.com/keep:1", {"mediaType": oci_manifest, "digest": kept, "size": 20})
+    before = (tmp / "site-store" / "index.json").read_bytes()
+    fd = os.open(tmp / "site-store" / ".bmsync" / "locks" / "index.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "-q", "bundle", "extract", str(archive),
+             "--onto", str(tmp / "site-store")],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        manifests = [img.digest for img in images.values()]
+        deadline = time.monotonic() + 30
+        while not all(site.has_blob(d) for d in manifests) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert proc.poll() is None, "extract merged the index while the lock was held"
+        assert (tmp / "site-store" / "index.json").read_bytes() == before
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    index = json.loads((tmp / "site-store" / "index.json").read_text())
+    by_name = {m["annotations"]["org.opencontainers.image.ref.name"]: m["digest"]
+               for m in index["manifests"]}
+    assert by_name == {"example.com/keep:1": kept,
+                       **{f"{GCR}/{r}": img.digest for r, img in images.items()}}

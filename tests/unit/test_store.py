@@ -461,6 +461,22 @@ def test_add_image_refuses_missing_manifest(tmp_path: Path) -> None:
     assert store.images() == []
 
 
+def test_add_images_writes_all_or_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    kept = _manifest(store, "kept")
+    store.add_image("gcr.io/k/k:1", kept)
+    index_before = (tmp_path / "index.json").read_bytes()
+    good = _manifest(store, "good")
+    absent = {"mediaType": MANIFEST_TYPE, "digest": sha256(b"never written"), "size": 13}
+    with pytest.raises(StoreError):
+        store.add_images([("gcr.io/a/a:1", good), ("gcr.io/b/b:1", absent)])
+    assert (tmp_path / "index.json").read_bytes() == index_before
+
+    store.add_images([("gcr.io/b/b:1", good), ("gcr.io/k/k:1", good)])
+    assert {i["annotations"][REF_NAME_ANNOTATION]: i["digest"] for i in store.images()} == {
+        "gcr.io/b/b:1": good["digest"], "gcr.io/k/k:1": good["digest"]}
+
+
 def test_add_image_replaces_by_ref_name_and_sorts(tmp_path: Path) -> None:
     store = Store(tmp_path)
     first, second, other = (_manifest(store, t) for t in ("first", "second", "other"))
