@@ -203,6 +203,31 @@ def _child(parent: str, name: str) -> str:
     return f"{parent}.{name}" if parent else name
 
 
+def parse_endpoint(text: str) -> str:
+    """An endpoint URL as configs take it (a registry's, an S3 server's):
+    ``scheme://host[:port]``, lowercased, without a trailing ``/``. UsageError says what
+    is wrong: another scheme, credentials (they belong in the credential settings, and
+    an endpoint is printed in logs and errors), a query, fragment or path."""
+    example = "write e.g. http://127.0.0.1:5101 or https://mirror.example:443"
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise UsageError(f"{text!r} must start with http:// or https://", hint=example)
+    if parts.username is not None or parts.password is not None:
+        raise UsageError("credentials do not belong in the endpoint",
+                         hint="use gcrKeyPath, dockerConfig or usernameEnv/passwordEnv")
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise UsageError(f"{text!r} must not have a query or fragment", hint=example)
+    if parts.path not in ("", "/"):
+        raise UsageError(f"{text!r} must not have a path (the API is always under /v2/)",
+                         hint=example)
+    try:
+        normalize_registry(parts.netloc)
+    except UsageError as exc:
+        raise UsageError(exc.message, hint=example) from None
+    return f"{scheme}://{parts.netloc.lower()}"
+
+
 class NodeReader:
     """Turns composed nodes into values, raising ConfigError at the offending node."""
 
@@ -431,33 +456,10 @@ class NodeReader:
 
     def endpoint(self, node: yaml.Node, key: str) -> str:
         """``scheme://host[:port]``, lowercased, without a trailing ``/``."""
-        text = self.string(node, key)
-        example = "write e.g. http://127.0.0.1:5101 or https://mirror.example:443"
-        parts = urlsplit(text)
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https"):
-            raise self.error(node, key, f"{text!r} must start with http:// or https://", example)
-        if parts.username is not None or parts.password is not None:
-            raise self.error(
-                node,
-                key,
-                "credentials do not belong in the endpoint",
-                "use gcrKeyPath, dockerConfig or usernameEnv/passwordEnv",
-            )
-        if parts.query or parts.fragment or text.endswith(("?", "#")):
-            raise self.error(node, key, f"{text!r} must not have a query or fragment", example)
-        if parts.path not in ("", "/"):
-            raise self.error(
-                node,
-                key,
-                f"{text!r} must not have a path (the API is always under /v2/)",
-                example,
-            )
         try:
-            normalize_registry(parts.netloc)
+            return parse_endpoint(self.string(node, key))
         except UsageError as exc:
-            raise self.error(node, key, exc.message, example) from None
-        return f"{scheme}://{parts.netloc.lower()}"
+            raise self.error(node, key, exc.message, exc.hint) from None
 
     def images(self, node: yaml.Node) -> tuple[ImageSpec, ...]:
         items = self.sequence(node, "images")

@@ -35,6 +35,7 @@ from pipeline.config import (
     ImagesConfig,
     NodeReader,
     load_images_config,
+    parse_endpoint,
     read_document,
     valid_release,
 )
@@ -110,8 +111,11 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
     if problem:
         raise fail("objectStore", problem, hint=_OBJECT_STORE_HINT)
     endpoint = text("endpointUrl")
-    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
-        raise fail("endpointUrl", f"{endpoint!r} must start with http:// or https://")
+    if endpoint is not None:
+        try:
+            endpoint = parse_endpoint(endpoint)
+        except UsageError as e:
+            raise fail("endpointUrl", e.message, hint=e.hint) from None
     scheme = text("versionScheme") or DEFAULT_VERSION_SCHEME
     try:
         check_version_scheme(scheme)

@@ -137,6 +137,11 @@ PIPELINE_ERRORS: list[tuple[list[str], str, int | None, str]] = [
     (["workDir: w", "objectStore: [s3://b]"], "objectStore", 6, "must be a non-empty string"),
     (["workDir: w", "objectStore: s3://b", "endpointUrl: s3.local:9000"], "endpointUrl", 7,
      "must start with http:// or https://"),
+    # The same rule as site.yaml's: an endpoint is printed, so no credentials in it.
+    (["workDir: w", "objectStore: s3://b", "endpointUrl: https://AKIA1:s3cret@s3.local"],
+     "endpointUrl", 7, "credentials do not belong in the endpoint"),
+    (["workDir: w", "objectStore: s3://b", "endpointUrl: https://s3.local/?x=1"],
+     "endpointUrl", 7, "must not have a query or fragment"),
     (["workDir: w", "objectStore: s3://b", "fullEvery: 0"], "fullEvery", 7,
      "must be a whole number of at least 1, got 0"),
     (["workDir: w", "objectStore: s3://b", "fullEvery: -2"], "fullEvery", 7, "got -2"),
@@ -485,3 +490,13 @@ def test_a_pipeline_yaml_given_as_site_yaml_says_so(tmp_path: Path) -> None:
         load_site_config(path)
     assert str(info.value).startswith(f"{path}:2: release: unknown key")
     assert "this looks like a pipeline.yaml" in str(info.value)
+
+
+def test_pipeline_endpoint_credentials_are_not_echoed(tmp_path: Path) -> None:
+    path = write(tmp_path, "pipeline.yaml", [
+        *IMAGES_PART, "workDir: w", "objectStore: s3://b",
+        "endpointUrl: https://AKIAEXAMPLE:s3cr3t-value@s3.local:9000"])
+    with pytest.raises(ConfigError) as info:
+        load_pipeline_config(path)
+    assert "s3cr3t-value" not in str(info.value)
+    assert "AKIAEXAMPLE" not in str(info.value)
