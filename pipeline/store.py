@@ -573,6 +573,18 @@ class Store:
                     self._write_marker(hexdigest, len(data))
         return digest
 
+    def _read_bytes(self, digest: str) -> bytes:
+        """A blob's bytes, unchecked; StoreError naming it when absent or unreadable."""
+        path = self.blob_path(digest)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(
+                f"blob {digest} is not in the store {self.root}", hint="pull the image first"
+            ) from None
+        except OSError as exc:
+            raise StoreError(f"cannot read blob {path}: {exc.strerror}", hint=_DISK_HINT) from exc
+
     def read_blob(self, digest: str) -> bytes:
         """The bytes of a small blob, hashed against its digest on every read.
 
@@ -580,15 +592,7 @@ class Store:
         (the file is then deleted so that the next pull fetches it again).
         """
         algorithm, hexdigest = split_digest(digest)
-        path = self.root / "blobs" / algorithm / hexdigest
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise StoreError(
-                f"blob {digest} is not in the store {self.root}", hint="pull the image first"
-            ) from None
-        except OSError as exc:
-            raise StoreError(f"cannot read blob {path}: {exc.strerror}", hint=_DISK_HINT) from exc
+        data = self._read_bytes(digest)
         actual = hashlib.new(algorithm, data).hexdigest()
         if actual != hexdigest:
             with self._lock(hexdigest):
@@ -607,15 +611,7 @@ class Store:
 
         Errors as :meth:`read_blob`; a manifest whose bytes do not match is deleted.
         """
-        path = self.blob_path(digest)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise StoreError(
-                f"blob {digest} is not in the store {self.root}", hint="pull the image first"
-            ) from None
-        except OSError as exc:
-            raise StoreError(f"cannot read blob {path}: {exc.strerror}", hint=_DISK_HINT) from exc
+        raw = self._read_bytes(digest)
         try:
             return parse_manifest(raw, media_type, expected_digest=digest)
         except IntegrityError:
