@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.bundle.format import archive_name
-from pipeline.bundle.writer import BuildResult, plan_bundle, source_date_epoch, write_bundle
+from pipeline.bundle.writer import BuildResult, build_bundle, source_date_epoch
 from pipeline.config import ImagesConfig
 from pipeline.errors import (
     BmsyncError,
@@ -281,15 +281,9 @@ def build_release(cfg: PipelineConfig, lock: Lock, *,
                                  hint="delete the version folder and run again")
     if not lock.images:
         raise NotFound(f"the lock of {lock.version} lists no image")
-    plan = plan_bundle(store, [i.source for i in lock.images], version=lock.version,
-                       platforms=lock.platforms, base=base, created=lock.epoch)
-    progress = progress or Progress("write", enabled=False)
-    progress.add_total(plan.tar_size)
-    try:
-        result = write_bundle(store, plan, cfg.version_dir(lock.version), mtime=lock.epoch,
-                              on_bytes=progress.advance)
-    finally:
-        progress.close()
+    result = build_bundle(store, [i.source for i in lock.images], cfg.version_dir(lock.version),
+                          version=lock.version, platforms=lock.platforms, base=base,
+                          epoch=lock.epoch, progress=progress)
     log.info("wrote %s (%d bytes, sha256 %s)", result.archive, result.size, result.sha256)
     return result
 

@@ -50,6 +50,7 @@ from pipeline.bundle.split import SplitWriter
 from pipeline.bundle.tarstream import END_OF_ARCHIVE, TarWriter, member_span
 from pipeline.errors import IntegrityError, StoreError, UsageError
 from pipeline.manifest import OCI_INDEX
+from pipeline.progress import Progress
 from pipeline.reference import parse_reference
 from pipeline.store import OCI_LAYOUT_BYTES, UPSTREAM_DIGEST, Store, atomic_write
 
@@ -282,6 +283,33 @@ class _PlainWriter:
 
     def close(self) -> None:
         pass
+
+
+def build_bundle(
+    store: Store,
+    names: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    version: str,
+    platforms: Sequence[str] = (),
+    base: BaseContent | None = None,
+    epoch: int | None = None,
+    compression: str = "zstd",
+    split_size: int | None = None,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """:func:`plan_bundle` then :func:`write_bundle`, with ``progress`` counting the tar's
+    bytes (closed at the end, success or not). ``epoch`` is both the bundle's
+    ``created`` time and every member's mtime (default: ``SOURCE_DATE_EPOCH``)."""
+    plan = plan_bundle(store, names, version=version, platforms=platforms, base=base,
+                       created=epoch)
+    progress = progress or Progress("write", enabled=False)
+    progress.add_total(plan.tar_size)
+    try:
+        return write_bundle(store, plan, out_dir, compression=compression,
+                            split_size=split_size, mtime=epoch, on_bytes=progress.advance)
+    finally:
+        progress.close()
 
 
 def write_bundle(

@@ -97,7 +97,7 @@ def add_parser(sub: Any) -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     from pipeline.bundle.delta import load_base
     from pipeline.bundle.split import parse_size
-    from pipeline.bundle.writer import plan_bundle, write_bundle
+    from pipeline.bundle.writer import build_bundle
     from pipeline.progress import Progress, human_bytes
     from pipeline.pull import store_name
 
@@ -111,22 +111,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         print("bmsync: error: no archive written: every image must pull first",
               file=sys.stderr)
         return outcome.exit_code
-    plan = plan_bundle(
-        outcome.store,
-        [store_name(r) for r in outcome.refs],
-        version=outcome.config.release,
-        platforms=outcome.platforms,
-        base=base,
+    result = build_bundle(
+        outcome.store, [store_name(r) for r in outcome.refs], args.out,
+        version=outcome.config.release, platforms=outcome.platforms, base=base,
+        compression=args.compression, split_size=split,
+        progress=Progress("write", enabled=not args.json),
     )
-    progress = Progress("write", enabled=not args.json)
-    progress.add_total(plan.tar_size)
-    try:
-        result = write_bundle(
-            outcome.store, plan, args.out, compression=args.compression, split_size=split,
-            on_bytes=progress.advance,
-        )
-    finally:
-        progress.close()
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
