@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, CredentialError, UsageError
-from pipeline.reference import DOCKER_HUB, DOCKER_HUB_API, Mirror, normalize_registry, parse_mirror
+from pipeline.reference import Mirror, api_host, normalize_registry, parse_mirror
 from pipeline.registry.credentials import Credential, from_docker_config, from_gcr_key
 from pipeline.store import atomic_write
 
@@ -72,10 +72,8 @@ def hostname_of(netloc: str) -> str:
 def upstream_url(host: str) -> str:
     """What containerd pulls ``host`` from when no mirror answers (its default server):
     the generator writes it as ``server`` and the checker compares against it."""
-    if host == DOCKER_HUB:
-        return f"https://{DOCKER_HUB_API}"
     scheme = "http" if hostname_of(host) in LOCALHOSTS else "https"
-    return f"{scheme}://{host}"
+    return f"{scheme}://{api_host(host)}"
 
 
 @dataclass(frozen=True)

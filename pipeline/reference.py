@@ -78,7 +78,9 @@ def normalize_registry(host: str) -> str:
     return normalised
 
 
-def _api_host(registry: str) -> str:
+def api_host(registry: str) -> str:
+    """The host serving ``registry``'s API: ``registry-1.docker.io`` for Docker Hub,
+    else the registry itself."""
     return DOCKER_HUB_API if registry == DOCKER_HUB else registry
 
 
@@ -170,7 +172,7 @@ class Reference:
     @property
     def api_host(self) -> str:
         """The host serving the registry API (``registry-1.docker.io`` for Docker Hub)."""
-        return _api_host(self.registry)
+        return api_host(self.registry)
 
     @property
     def name(self) -> str:
@@ -290,7 +292,7 @@ class Mirror:
     @property
     def base_url(self) -> str:
         """``scheme://host[:port]`` of the registry API (no namespace, no ``/v2``)."""
-        return f"{self.scheme}://{_api_host(self.host)}"
+        return f"{self.scheme}://{api_host(self.host)}"
 
     def __str__(self) -> str:
         """``scheme://host[:port][/namespace]``, which :func:`parse_mirror` reads back."""

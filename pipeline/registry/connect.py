@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 
 from pipeline.config import RegistrySettings
-from pipeline.reference import DOCKER_HUB, DOCKER_HUB_API
+from pipeline.reference import api_host
 from pipeline.registry.client import RegistryClient
 from pipeline.registry.credentials import (
     Credential,
@@ -70,7 +70,7 @@ class ClientPool:
                 endpoint=settings.endpoint if settings else None,
                 credential=credential_for(host, settings),
                 transport=transport,
-                api_host=DOCKER_HUB_API if host == DOCKER_HUB else None,
+                api_host=api_host(host),
             )
             self._clients[host] = client
             return client
