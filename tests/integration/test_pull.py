@@ -134,6 +134,29 @@ def test_tag_moved_is_pulled_again(registry: RegistryServer, image_factory: Imag
     assert store_index(store)[f"{GCR}/app/web:stable"]["digest"] == second.digest
 
 
+def test_a_blob_deleted_from_the_store_is_fetched_again(
+        registry: RegistryServer, image_factory: ImageFactory, tmp: Path) -> None:
+    """A layer deleted by hand (its verification mark left behind) makes the image
+    incomplete: the next pull fetches that blob, and only it, and the image is whole."""
+    layers = [image_factory.layer(300_000), image_factory.layer(200_000)]
+    img = image_factory.image(layers)
+    push(registry.url, "app/api", "1", img)
+    config = write_images_config(tmp / "c.yaml", [f"{GCR}/app/api:1"],
+                                 registries=gcr(registry.url))
+    store = tmp / "store"
+    assert bmsync("pull", "--config", str(config), "--store", str(store)).code == 0
+    gone = layers[1]
+    store_blob(store, gone.digest).unlink()
+
+    mark = registry.mark()
+    run = bmsync("pull", "--config", str(config), "--store", str(store), "--json")
+    assert run.code == 0, run.output
+    assert [p.rsplit("/", 1)[1] for p in blob_gets(registry, mark)] == [gone.digest]
+    assert run.json()["images"][0]["status"] == "pulled"
+    assert store_blob(store, gone.digest).read_bytes() == gone.data
+    assert assert_blobs_sound(store) > 0
+
+
 def test_platform_filter_rewrites_index(registry: RegistryServer, image_factory: ImageFactory,
                                         registry_factory, tmp: Path) -> None:
     index = image_factory.multiarch(("linux/amd64", "linux/arm64/v8", "linux/s390x"))
