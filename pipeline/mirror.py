@@ -269,8 +269,13 @@ class _Pusher:
             list(pool.map(head, images))
         return [i for i in images if i.report.status == "planned"]
 
-    def check_base(self, todo: list[_Image]) -> None:
-        """A delta's left-out blobs must be in the mirror already (nothing is pushed if not)."""
+    def check_base(self, todo: list[_Image], images: list[_Image]) -> None:
+        """A delta's left-out blobs must be in the mirror already (nothing is pushed if not).
+
+        Each is looked for in the repositories that need it, then in those of every
+        image of the bundle (an image new to the mirror, in a repository of its own,
+        finds the base's layers where the images already there hold them; they are
+        mounted from there)."""
         base = self.manifest.base
         if base is None:
             return
@@ -280,7 +285,7 @@ class _Pusher:
             for d in img.blobs + img.manifests:
                 if d in left_out:
                     needs.setdefault(d, []).append(img.ref.repository)
-        repos = sorted({i.ref.repository for i in todo})
+        repos = sorted({i.ref.repository for i in images})
 
         def find(digest: str) -> str | None:
             wanted = needs[digest]
@@ -477,7 +482,7 @@ def push_bundle(
         for p in pushers:
             images = p.plan()
             todo = p.check_tags(images)
-            p.check_base(todo)
+            p.check_base(todo, images)
             plans.append(_Plan(p, todo, p.blob_tasks(todo)))
         if dry_run or not any(plan.todo for plan in plans):
             for plan in plans:

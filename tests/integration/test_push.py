@@ -602,6 +602,33 @@ def test_delta_whose_base_is_absent_pushes_nothing(registry: RegistryServer, bun
     assert writes(registry.since(mark)) == []
 
 
+def test_delta_blob_held_by_another_repository_is_mounted(
+        registry: RegistryServer, bundles: Bundles, release: Release, env: dict[str, str],
+        tmp: Path) -> None:
+    """A delta adds an image in a repository the mirror does not have yet; the base layer
+    it leaves out is in the mirror, but only in other repositories: it is mounted from
+    one of them (never uploaded: the archive does not hold it), then the image's own
+    blobs are uploaded and the image reads back at its upstream digest."""
+    assert push_images(bundles.get("zstd"), mirror_of(registry.host), env=env).code == 0
+    f = ImageFactory(seed="bmsync-tests:test_push:new-repo")
+    own = f.layer(120_000)
+    newcomer = f.image([release.base, own], media="oci")
+    ref = "anthos-baremetal-release/node-exporter:v1.0.0"
+    push_upstream(release.upstream.url, ref.split(":")[0], "v1.0.0", newcomer)
+    config = bundles.config("new-repo", [ETCD, ref], "1.2")
+    out = bundles.build(tmp / "new-repo", config, "--base", str(bundles.get("zstd")))
+    manifest = json.loads((out / "bmpackages_1.2.bundle.json").read_text())
+    assert not manifest["blobs"][release.base.digest]["inArchive"]
+
+    mark = registry.mark()
+    run = push_images(out / "bmpackages_1.2.tar.zst", mirror_of(registry.host), env=env)
+    assert run.code == 0, run.output
+    entries = registry.since(mark)
+    assert mounts(entries) == [release.base.digest]
+    assert sorted(commits(entries)) == sorted([own.digest, newcomer.config_digest])
+    assert_mirror_holds(registry.host, {ETCD: release.images[ETCD], ref: newcomer})
+
+
 def test_dry_run_pushes_nothing(registry: RegistryServer, bundles: Bundles, release: Release,
                                 env: dict[str, str]) -> None:
     mark = registry.mark()
