@@ -7,9 +7,10 @@ Call order for one mirror (:func:`push_bundle`):
 2. one ``HEAD`` per image on its tag: an image already at its digest costs nothing
    more; a tag at another digest is retagged (old -> new), or refused with
    ``no_overwrite``;
-3. for a delta, every blob it leaves to its base must already be in the mirror (``HEAD``,
-   or a mount from another repository of this push), else nothing is pushed and the
-   missing base version is named;
+3. for a delta, every blob it leaves to its base must already be in the mirror (``HEAD``
+   in the repository of an image that needs it, else in that of any image of the
+   bundle, mounted from there later), else nothing is pushed and the missing base
+   version is named;
 4. blobs, grouped by digest: skipped when present (``HEAD``), mounted from a repository
    of the same registry that has it, otherwise uploaded once and mounted elsewhere;
    each upload streams from the source and is committed (``PUT ?digest=``) only after
