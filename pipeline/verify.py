@@ -22,7 +22,6 @@ containerd), never for a difference.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pipeline.bundle.format import BundleManifest, ImageEntry
+from pipeline.bundle.format import SHA256_DIGEST, BundleManifest, ImageEntry
 from pipeline.errors import InvalidReference, NotFound, ProtocolError, TransportError, UsageError
 from pipeline.manifest import IMAGE_TYPES, INDEX_TYPES
 from pipeline.reference import (
@@ -51,8 +50,6 @@ OK = "ok"
 # Statuses of a node row.
 ABSENT = "absent"  # the bundle image is not on the node: not a difference
 ELSEWHERE = "pulled from elsewhere"  # an image of a bundle repository at a digest it lacks
-
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 DEFAULT_NAMESPACE = "k8s.io"
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
@@ -255,7 +252,7 @@ def parse_ctr_images(output: str) -> list[NodeImage]:
         parts = line.split()
         if not parts or (n == 1 and parts[0] == "REF"):
             continue
-        digest = next((p for p in parts[1:] if _DIGEST.match(p)), None)
+        digest = next((p for p in parts[1:] if SHA256_DIGEST.match(p)), None)
         if digest is None:
             raise ProtocolError(f"ctr images ls, line {n}: no digest in {line.strip()!r}",
                                 hint="bmsync reads the output of containerd 1.6's ctr")

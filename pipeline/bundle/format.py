@@ -36,7 +36,8 @@ MAX_BUNDLE_JSON = 16 * 1024 * 1024
 REF_NAME = REF_NAME_ANNOTATION
 CONTAINERD_NAME = "io.containerd.image.name"
 
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+# A sha256 digest as bundles and the nodes' image lists write them.
+SHA256_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 BLOB_NAME = re.compile(r"^blobs/sha256/[0-9a-f]{64}$")
 
@@ -219,7 +220,7 @@ class _Parser:
         return value
 
     def digest(self, value: Any, where: str) -> str:
-        if not isinstance(value, str) or not _DIGEST.match(value):
+        if not isinstance(value, str) or not SHA256_DIGEST.match(value):
             raise self.fail(where, f"invalid digest {value!r}")
         return value
 
