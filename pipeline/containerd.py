@@ -150,6 +150,20 @@ class Change:
 # -- building and validating the settings ---------------------------------------------------
 
 
+# A PEM certificate; the group is its base64 body.
+PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----",
+                             re.DOTALL)
+
+
+def mirrored_host(text: str) -> str:
+    """A host nodes pull through the mirrors (``quay.io``), as written in a config or on
+    the command line: normalised; UsageError for a URL or a path."""
+    name = text.strip()
+    if "://" in name or "/" in name:
+        raise UsageError(f"invalid mirrored host {text!r}", hint="write a host name: quay.io")
+    return normalize_registry(name)
+
+
 def read_ca(path: str | os.PathLike[str]) -> Path:
     """The absolute path of a CA file that exists and holds at least one PEM certificate.
 
@@ -163,16 +177,13 @@ def read_ca(path: str | os.PathLike[str]) -> Path:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not a PEM text file"
         raise UsageError(f"cannot read CA file {ca}: {reason}", hint="check --cacert") from None
-    blocks = re.findall(
-        r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", text, flags=re.DOTALL
-    )
-    if not blocks:
+    bodies = PEM_CERTIFICATE.findall(text)
+    if not bodies:
         raise UsageError(
             f"CA file {ca} holds no PEM certificate",
             hint="give the CA certificate in PEM form (-----BEGIN CERTIFICATE-----)",
         )
-    for block in blocks:
-        body = "".join(block.splitlines()[1:-1])
+    for body in ("".join(b.split()) for b in bodies):
         try:
             der = base64.b64decode(body, validate=True)
         except (ValueError, binascii.Error):
@@ -225,10 +236,7 @@ def settings(
 
     named: list[str] = []
     for text in hosts:
-        name = text.strip()
-        if "://" in name or "/" in name:
-            raise UsageError(f"invalid mirrored host {text!r}", hint="write a host name: quay.io")
-        host = normalize_registry(name)
+        host = mirrored_host(text)
         if host in named:
             raise UsageError(f"host {host} is listed twice")
         named.append(host)

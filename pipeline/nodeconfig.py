@@ -41,7 +41,6 @@ Nothing here contacts a registry or changes a file.
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,7 +48,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.containerd import LOCALHOSTS, UPSTREAM, hostname_of, read_ca, upstream_url
+from pipeline.containerd import (
+    LOCALHOSTS,
+    PEM_CERTIFICATE,
+    UPSTREAM,
+    hostname_of,
+    mirrored_host,
+    read_ca,
+    upstream_url,
+)
 from pipeline.errors import ConfigError, UsageError
 from pipeline.reference import Mirror, normalize_registry
 
@@ -68,7 +75,6 @@ MISCONFIGURED = "misconfigured"  # a usable mirror, but something else in its co
 NOT_MIRRORED = "not mirrored"  # no usable mirror (or not the expected one)
 
 _CAPABILITIES = ("pull", "resolve", "push")
-_PEM = re.compile(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -285,12 +291,9 @@ def check_node_config(
 def _host_list(hosts: Iterable[str]) -> list[str]:
     names = [UPSTREAM]
     for text in hosts:
-        name = text.strip()
-        if not name:
+        if not text.strip():
             continue
-        if "://" in name or "/" in name:
-            raise UsageError(f"invalid mirrored host {text!r}", hint="write a host name: quay.io")
-        host = normalize_registry(name)
+        host = mirrored_host(text)
         if host not in names:
             names.append(host)
     return names
@@ -305,7 +308,7 @@ def _expectation(expected: Sequence[Mirror], ca: str | os.PathLike[str] | None) 
 
 def _certificates(text: str) -> frozenset[str]:
     """The PEM certificates of ``text``, whitespace removed, so copies compare equal."""
-    return frozenset("".join(body.split()) for body in _PEM.findall(text))
+    return frozenset("".join(body.split()) for body in PEM_CERTIFICATE.findall(text))
 
 
 def _load_config(source: Path) -> dict[str, Any]:
