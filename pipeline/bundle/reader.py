@@ -78,7 +78,17 @@ class Source:
         return self.path.parent / f"{self.path.name}.sha256"
 
 
-class _Bounded(io.RawIOBase):
+class _ReadStream(io.RawIOBase):
+    """A raw stream whose subclasses define ``read(n)``; ``readinto`` fills the caller's
+    buffer from it (what ``io.BufferedReader`` and ``hashlib.file_digest`` call)."""
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+class _Bounded(_ReadStream):
     """A reader that refuses to deliver more than ``limit`` bytes (decompression bombs).
 
     The limit can be raised once ``bundle.json`` has said how big the stream is.
@@ -103,13 +113,8 @@ class _Bounded(io.RawIOBase):
             )
         return data
 
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
-
-class _XZReader(io.RawIOBase):
+class _XZReader(_ReadStream):
     """Streaming ``.xz`` decompression with bounded output per call."""
 
     def __init__(self, src: IO[bytes], what: str) -> None:
@@ -138,13 +143,8 @@ class _XZReader(io.RawIOBase):
         except lzma.LZMAError as e:
             raise IntegrityError(f"{self._what}: damaged xz stream ({e})") from None
 
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
-
-class _Hashing(io.RawIOBase):
+class _Hashing(_ReadStream):
     """Hashes every byte read from the raw archive (and per part, for split archives)."""
 
     def __init__(self, src: IO[bytes], part_sizes: list[int] | None = None) -> None:
@@ -178,11 +178,6 @@ class _Hashing(io.RawIOBase):
         self._part_sizes.pop(0)
         self._part_left = self._part_sizes[0] if self._part_sizes else -1
 
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
     def drain(self) -> int:
         """Read (and hash) the rest; returns how many bytes that was."""
         total = 0
@@ -191,7 +186,7 @@ class _Hashing(io.RawIOBase):
         return total
 
 
-class VerifyingReader(io.RawIOBase):
+class VerifyingReader(_ReadStream):
     """A blob's bytes; at its end, the size and sha256 must match or IntegrityError."""
 
     def __init__(self, src: IO[bytes], digest: str, size: int, where: str,
@@ -227,11 +222,6 @@ class VerifyingReader(io.RawIOBase):
         if self._left == 0:
             self._check()
         return data
-
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
     def _check(self) -> None:
         if self._checked:
@@ -490,7 +480,7 @@ class _TarMemberIO(io.RawIOBase):
         return self._tar.read(n)
 
 
-class _Prefixed(io.RawIOBase):
+class _Prefixed(_ReadStream):
     """Puts back bytes already peeked from a forward-only stream."""
 
     def __init__(self, head: bytes, rest: IO[bytes]) -> None:
@@ -508,11 +498,6 @@ class _Prefixed(io.RawIOBase):
             out, self._head = self._head[:n], self._head[n:]
             return out
         return self._rest.read(n if n is not None and n >= 0 else CHUNK)
-
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
 
 def _peek(src: IO[bytes], n: int) -> bytes:
