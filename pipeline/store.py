@@ -686,16 +686,8 @@ class Store:
         first (nothing is written if one is refused), then index.json is rewritten once,
         under the index lock."""
         entries = [self._index_entry(ref_name, descriptor) for ref_name, descriptor in images]
-        names = {_ref_name(e) for e in entries}
         with _exclusive(self._meta / "locks" / "index.lock"):
-            index = self._read_index()
-            kept = [m for m in index["manifests"] if _ref_name(m) not in names]
-            kept.extend(entries)
-            kept.sort(key=lambda m: (_ref_name(m) or "", str(m.get("digest", ""))))
-            index["manifests"] = kept
-            index.setdefault("schemaVersion", 2)
-            index.setdefault("mediaType", INDEX_MEDIA_TYPE)
-            self._write_json(self.root / "index.json", index)
+            self._write_json(self.root / "index.json", merge_index(self._read_index(), entries))
 
     def _index_entry(self, ref_name: str, descriptor: Mapping[str, Any]) -> dict[str, Any]:
         """The index.json entry for ``ref_name``, checked as :meth:`add_image` says."""
@@ -738,6 +730,21 @@ class Store:
     def find_image(self, ref_name: str) -> dict[str, Any] | None:
         """The index.json entry annotated with ``ref_name``, or None."""
         return self.images_by_name().get(ref_name)
+
+
+def merge_index(index: Mapping[str, Any], entries: Iterable[Mapping[str, Any]]
+                ) -> dict[str, Any]:
+    """``index`` (an OCI index.json document) with ``entries`` in it: each replaces the
+    entry of the same ref name, and the manifests are sorted by ref name (then digest).
+    The one rule for updating an image layout's index, locked or not."""
+    incoming = list(entries)
+    names = {_ref_name(e) for e in incoming}
+    kept = [m for m in index.get("manifests", []) if _ref_name(m) not in names or
+            _ref_name(m) is None]
+    kept.extend(incoming)
+    kept.sort(key=lambda m: (_ref_name(m) or "", str(m.get("digest", ""))))
+    return {**index, "schemaVersion": index.get("schemaVersion", 2),
+            "mediaType": index.get("mediaType", INDEX_MEDIA_TYPE), "manifests": kept}
 
 
 def _ref_name(entry: Mapping[str, Any]) -> str | None:

@@ -30,8 +30,7 @@ from pipeline.bundle.format import BUNDLE_JSON, OCI_LAYOUT, REF_NAME
 from pipeline.bundle.reader import BundleReader, open_bundle
 from pipeline.bundle.verify import check_sums, expected_sums
 from pipeline.errors import IntegrityError, StoreError, UsageError
-from pipeline.manifest import OCI_INDEX
-from pipeline.store import OCI_LAYOUT_BYTES, Store, atomic_write, fsync_dir
+from pipeline.store import OCI_LAYOUT_BYTES, Store, atomic_write, fsync_dir, merge_index
 
 CHUNK = 1024 * 1024
 
@@ -155,19 +154,10 @@ def _write_blobs(reader: BundleReader, blobs_dir: Path,
 
 
 def _merge_index(path: Path, incoming: dict[str, Any]) -> None:
+    """Merge into the index.json of a plain OCI layout (no bmsync store, so no lock)."""
     try:
         current = json.loads(path.read_bytes()) if path.exists() else {}
     except ValueError:
         raise IntegrityError(f"{path} is not valid JSON") from None
-    entries = {
-        (m.get("annotations") or {}).get(REF_NAME, m.get("digest")): m
-        for m in current.get("manifests", [])
-    }
-    for m in incoming.get("manifests", []):
-        entries[m["annotations"][REF_NAME]] = m
-    merged = {
-        "schemaVersion": 2,
-        "mediaType": OCI_INDEX,
-        "manifests": [entries[k] for k in sorted(entries)],
-    }
+    merged = merge_index(current, incoming.get("manifests", []))
     atomic_write(path, (json.dumps(merged, sort_keys=True, indent=1) + "\n").encode())
