@@ -227,7 +227,8 @@ class _Pusher:
         self.report = PushReport(str(mirror))
         self._lock = threading.Lock()
         self.manifest_bytes: dict[str, bytes] = {}
-        # For a delta: where each blob it leaves to its base was found in the mirror.
+        # For a delta: where each blob it leaves to its base was found in the mirror
+        # (check_base asked; push_digest does not ask that repository again).
         self.base_location: dict[str, str] = {}
         # Streamed archives: members whose bytes failed their check.
         self.broken: dict[str, BmsyncError] = {}
@@ -328,7 +329,7 @@ class _Pusher:
         have: str | None = self.base_location.get(digest)
         missing: list[str] = []
         for repo in repos:
-            if self.client.blob_exists(repo, digest):
+            if repo == have or self.client.blob_exists(repo, digest):
                 have = have or repo
                 self._count(skipped=1)
             else:

@@ -602,6 +602,20 @@ def test_delta_whose_base_is_absent_pushes_nothing(registry: RegistryServer, bun
     assert writes(registry.since(mark)) == []
 
 
+def test_delta_asks_about_each_blob_once(registry: RegistryServer, bundles: Bundles,
+                                         release: Release, env: dict[str, str]) -> None:
+    """The base check's answers serve the push: no blob is asked about (HEAD) twice in
+    one repository, and the new image lands at its upstream digest."""
+    assert push_images(bundles.get("zstd"), mirror_of(registry.host), env=env).code == 0
+    mark = registry.mark()
+    run = push_images(bundles.get("delta"), mirror_of(registry.host), env=env)
+    assert run.code == 0, run.output
+    heads = [e.path for e in registry.since(mark) if e.method == "HEAD" and "/blobs/" in e.path]
+    assert f"/v2/{NS}/{RBAC_NEXT.split(':')[0]}/blobs/{release.base.digest}" in heads
+    assert len(heads) == len(set(heads)), sorted(heads)
+    assert_mirror_holds(registry.host, {RBAC_NEXT: release.next_image})
+
+
 def test_delta_blob_held_by_another_repository_is_mounted(
         registry: RegistryServer, bundles: Bundles, release: Release, env: dict[str, str],
         tmp: Path) -> None:
