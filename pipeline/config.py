@@ -203,24 +203,34 @@ def _child(parent: str, name: str) -> str:
     return f"{parent}.{name}" if parent else name
 
 
-def parse_endpoint(text: str) -> str:
-    """An endpoint URL as configs take it (a registry's, an S3 server's):
+# What parse_endpoint says, for the two kinds of endpoint configs take.
+_ENDPOINT_ADVICE = {
+    "registry": ("http://127.0.0.1:5101 or https://mirror.example:443",
+                 "use gcrKeyPath, dockerConfig or usernameEnv/passwordEnv",
+                 "the API is always under /v2/"),
+    "s3": ("https://s3.site.local:9000",
+           "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile",
+           "the bucket and prefix go in the object store URL"),
+}
+
+
+def parse_endpoint(text: str, *, kind: str = "registry") -> str:
+    """An endpoint URL as configs take it (``kind``: a registry's or an S3 server's):
     ``scheme://host[:port]``, lowercased, without a trailing ``/``. UsageError says what
     is wrong: another scheme, credentials (they belong in the credential settings, and
     an endpoint is printed in logs and errors), a query, fragment or path."""
-    example = "write e.g. http://127.0.0.1:5101 or https://mirror.example:443"
+    examples, credentials, no_path = _ENDPOINT_ADVICE[kind]
+    example = f"write e.g. {examples}"
     parts = urlsplit(text)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise UsageError(f"{text!r} must start with http:// or https://", hint=example)
     if parts.username is not None or parts.password is not None:
-        raise UsageError("credentials do not belong in the endpoint",
-                         hint="use gcrKeyPath, dockerConfig or usernameEnv/passwordEnv")
+        raise UsageError("credentials do not belong in the endpoint", hint=credentials)
     if parts.query or parts.fragment or text.endswith(("?", "#")):
         raise UsageError(f"{text!r} must not have a query or fragment", hint=example)
     if parts.path not in ("", "/"):
-        raise UsageError(f"{text!r} must not have a path (the API is always under /v2/)",
-                         hint=example)
+        raise UsageError(f"{text!r} must not have a path ({no_path})", hint=example)
     try:
         normalize_registry(parts.netloc)
     except UsageError as exc:
@@ -454,10 +464,11 @@ class NodeReader:
             password_env=env_names.get("passwordEnv"),
         )
 
-    def endpoint(self, node: yaml.Node, key: str) -> str:
-        """``scheme://host[:port]``, lowercased, without a trailing ``/``."""
+    def endpoint(self, node: yaml.Node, key: str, *, kind: str = "registry") -> str:
+        """``scheme://host[:port]``, lowercased, without a trailing ``/``
+        (:func:`parse_endpoint`)."""
         try:
-            return parse_endpoint(self.string(node, key))
+            return parse_endpoint(self.string(node, key), kind=kind)
         except UsageError as exc:
             raise self.error(node, key, exc.message, exc.hint) from None
 

@@ -113,7 +113,7 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
     endpoint = text("endpointUrl")
     if endpoint is not None:
         try:
-            endpoint = parse_endpoint(endpoint)
+            endpoint = parse_endpoint(endpoint, kind="s3")
         except UsageError as e:
             raise fail("endpointUrl", e.message, hint=e.hint) from None
     scheme = text("versionScheme") or DEFAULT_VERSION_SCHEME
@@ -252,7 +252,7 @@ def _site(r: NodeReader, root: yaml.Node) -> SiteConfig:
         raise r.error(store_node, "objectStore", problem, hint=_OBJECT_STORE_HINT)
     endpoint = None
     if "endpointUrl" in top:
-        endpoint = r.endpoint(top["endpointUrl"][1], "endpointUrl")
+        endpoint = r.endpoint(top["endpointUrl"][1], "endpointUrl", kind="s3")
     work_dir = Path(r.file_path(top["workDir"][1], "workDir"))
     items = r.sequence(top["mirrors"][1], "mirrors")
     if not items:

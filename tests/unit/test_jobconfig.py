@@ -291,6 +291,10 @@ SITE_ERRORS: list[tuple[list[str], str, int, str]] = [
      "objectStore", 2, "must be an absolute file:///PATH"),
     ([*SITE_HEAD, "endpointUrl: ftp://s3", "mirrors: []"], "endpointUrl", 4,
      "must start with http:// or https://"),
+    ([*SITE_HEAD, "endpointUrl: https://key:secret@s3", "mirrors: []"], "endpointUrl", 4,
+     "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile"),
+    ([*SITE_HEAD, "endpointUrl: https://s3/bucket", "mirrors: []"], "endpointUrl", 4,
+     "the bucket and prefix go in the object store URL"),
     (["version: 2", "objectStore: s3://b", "workDir: w", "mirrors: []"], "version", 1,
      "unsupported version 2"),
     # mirrors
@@ -500,3 +504,4 @@ def test_pipeline_endpoint_credentials_are_not_echoed(tmp_path: Path) -> None:
         load_pipeline_config(path)
     assert "s3cr3t-value" not in str(info.value)
     assert "AKIAEXAMPLE" not in str(info.value)
+    assert "AWS_ACCESS_KEY_ID" in str(info.value)  # S3 advice, not a registry's
