@@ -335,7 +335,8 @@ def test_resumed_publish_sends_only_the_missing_parts(
 
 
 def test_parts_grow_past_the_part_limit_and_parts_of_another_size_are_sent_again(
-        s3_server: S3Server, relay: Relay, big: Built, monkeypatch: pytest.MonkeyPatch) -> None:
+        s3_server: S3Server, relay: Relay, big: Built, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """With S3's part limit lowered to 4, the archive goes up in 4 parts of a whole
     number of MiB. An interrupted upload left parts of the default size: none of them
     can be kept (their sizes do not match), so every byte is sent again."""
@@ -358,7 +359,11 @@ def test_parts_grow_past_the_part_limit_and_parts_of_another_size_are_sent_again
     relay.take_sent()
 
     store = objstore.S3Store(s3_server.bucket, prefix, endpoint_url=relay.endpoint)
-    done = store.upload_file(big.name, big.archive)
+    with caplog.at_level("INFO", logger="bmsync.objstore"):
+        done = store.upload_file(big.name, big.archive)
+    # The old parts are not even taken as candidates (their md5 would refuse them later
+    # too): the resumed upload starts with none of them.
+    assert "resuming an upload with 0 parts already sent" in caplog.text
     assert done.sent == big.size
     assert big.size <= relay.take_sent() <= big.size + OVERHEAD
     head = client.head_object(Bucket=s3_server.bucket, Key=key)
